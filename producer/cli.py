@@ -1,0 +1,209 @@
+"""`python -m producer submit|status|wait`: argument parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from producer.client import Client
+from producer.contract import SCHEDULERS, JobStatus
+from producer.errors import FleetError, JobValidationError
+from producer.settings import ProducerSettings
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT = 0, 1, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m producer",
+        description="Submit text-to-image jobs to a diffusion-fleet and follow them.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("submit", help="validate and enqueue one job per prompt")
+    s.add_argument("prompts", nargs="*", metavar="PROMPT")
+    s.add_argument("--file", help="read prompts from FILE, one a line ('-' for stdin)")
+    s.add_argument("--negative", default="", help="negative prompt for every job")
+    s.add_argument("--width", type=int, default=512)
+    s.add_argument("--height", type=int, default=512)
+    s.add_argument("--steps", type=int, default=30)
+    s.add_argument("--guidance", type=float, default=7.5)
+    s.add_argument("--seed", help="unsigned 64-bit seed (image i uses seed+i); default random")
+    s.add_argument("--images-per-prompt", type=int, default=1, dest="images")
+    s.add_argument("--model", help="model name (default: the worker's model)")
+    s.add_argument("--scheduler", default="default", help=f"one of: {', '.join(SCHEDULERS)}")
+    s.add_argument("--job-id", help="your own job id (one prompt only); resubmitting it is a no-op")
+    s.add_argument("--wait", action="store_true", help="wait for the jobs and print their images")
+    _add_wait_options(s)
+
+    st = sub.add_parser("status", help="show the state of jobs")
+    st.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    st.add_argument("--json", action="store_true", help="print JSON")
+
+    w = sub.add_parser("wait", help="wait for jobs to finish and print their images")
+    w.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    _add_wait_options(w)
+    return parser
+
+
+def _add_wait_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", type=Path, help="download the images into this folder")
+    p.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompts)
+    if args.file:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+        prompts += [
+            ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
+        ]
+    return prompts
+
+
+def jobs_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
+    prompts = read_prompts(args)
+    if not prompts:
+        raise JobValidationError([("prompt", None, "give at least one PROMPT or --file")])
+    if args.job_id and len(prompts) != 1:
+        raise JobValidationError([("job_id", args.job_id, "--job-id needs exactly one prompt")])
+    jobs = []
+    for prompt in prompts:
+        job: dict[str, Any] = {
+            "prompt": prompt,
+            "negative_prompt": args.negative,
+            "width": args.width,
+            "height": args.height,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "images": args.images,
+            "scheduler": args.scheduler,
+        }
+        for key, value in (("seed", args.seed), ("model", args.model), ("job_id", args.job_id)):
+            if value is not None:
+                job[key] = value
+        jobs.append(job)
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    out = Console(highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        with Client(ProducerSettings()) as client:
+            if args.command == "submit":
+                return cmd_submit(client, args, out, err)
+            if args.command == "status":
+                return cmd_status(client, args, out)
+            return cmd_wait(client, args.job_ids, args, out, err)
+    except JobValidationError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return EXIT_INVALID
+    except TimeoutError as exc:
+        err.print(f"[yellow]timeout:[/yellow] {exc}")
+        return EXIT_TIMEOUT
+    except FleetError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return EXIT_FAILED
+
+
+def cmd_submit(client: Client, args: argparse.Namespace, out: Console, err: Console) -> int:
+    handles = client.submit_many(jobs_from_args(args))
+    if not args.wait:
+        if args.json:
+            out.print_json(
+                data=[
+                    {"job_id": h.job_id, "queue": h.queue, "duplicate": h.duplicate}
+                    for h in handles
+                ]
+            )
+        else:
+            for h in handles:
+                note = "  (already submitted; not enqueued again)" if h.duplicate else ""
+                out.print(f"{h.job_id}{note}")
+        return EXIT_OK
+    return cmd_wait(client, [h.job_id for h in handles], args, out, err)
+
+
+def cmd_status(client: Client, args: argparse.Namespace, out: Console) -> int:
+    statuses = [client.status(job_id) for job_id in args.job_ids]
+    if args.json:
+        out.print_json(data=[s.model_dump(mode="json") for s in statuses])
+    else:
+        for s in statuses:
+            print_status(out, s)
+    return EXIT_OK
+
+
+def cmd_wait(
+    client: Client, job_ids: list[str], args: argparse.Namespace, out: Console, err: Console
+) -> int:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    ) as progress:
+        task = progress.add_task("jobs", total=len(job_ids))
+
+        def on_update(st: JobStatus) -> None:
+            if st.done:
+                progress.advance(task)
+            if not args.json:
+                progress.console.print(
+                    f"{st.job_id}: {st.state}" + (f" ({st.detail})" if st.detail else "")
+                )
+
+        statuses = client.wait(job_ids, timeout=args.timeout, on_update=on_update)
+
+    downloads: dict[str, list[str]] = {}
+    if args.output:
+        for st in statuses:
+            if st.result is not None and st.state == "succeeded":
+                downloads[st.job_id] = [str(p) for p in client.download(st.result, args.output)]
+    if args.json:
+        data = []
+        for st in statuses:
+            item = st.model_dump(mode="json")
+            item["files"] = downloads.get(st.job_id, [])
+            data.append(item)
+        out.print_json(data=data)
+    else:
+        for st in statuses:
+            print_status(out, st, downloads.get(st.job_id, []))
+    return EXIT_FAILED if any(s.state == "failed" for s in statuses) else EXIT_OK
+
+
+def print_status(out: Console, st: JobStatus, files: list[str] | None = None) -> None:
+    colour = {"succeeded": "green", "failed": "red"}.get(st.state, "yellow")
+    line = f"[{colour}]{st.state}[/{colour}] {st.job_id}"
+    if st.detail:
+        line += f" ({st.detail})"
+    out.print(line)
+    if st.result is None:
+        return
+    if st.result.error:
+        out.print(f"  reason: {st.result.error}")
+    bucket = st.result.bucket or "?"
+    for i, record in enumerate(st.result.images):
+        out.print(f"  s3://{bucket}/{record.key}  seed={record.seed}")
+        if record.url:
+            out.print(f"    url: {record.url}")
+        if files and i < len(files):
+            out.print(f"    file: {files[i]}")

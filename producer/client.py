@@ -1,0 +1,240 @@
+"""The Python API other services import: validate a job, enqueue it by name, follow it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.result import AsyncResult
+
+from producer import contract
+from producer.contract import JobResult, JobSpec, JobStatus, validate_job
+from producer.errors import FleetError, JobFailed
+from producer.settings import ProducerSettings
+from producer.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+#: Redis key that reserves a job id, so the same id submitted twice makes one job.
+CLAIM_KEY = "fleet:job:{job_id}"
+
+_RUNNING_STATES = {"STARTED", "PROGRESS", "RETRY"}
+
+
+def make_celery_client(settings: ProducerSettings) -> Celery:
+    """A Celery app for sending and reading results only: it knows task names, not task code."""
+    app = Celery("fleet-producer", broker=settings.redis_url, backend=settings.backend_url)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        result_extended=True,
+        task_default_queue=settings.queue,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": 3600},
+    )
+    return app
+
+
+@dataclass
+class JobHandle:
+    """A submitted job: ask for its status or wait for its result."""
+
+    job_id: str
+    queue: str
+    client: Client = field(repr=False)
+    #: True when this id had been submitted before and no new job was created.
+    duplicate: bool = False
+
+    def status(self) -> JobStatus:
+        return self.client.status(self.job_id)
+
+    def wait(self, timeout: float | None = None, raise_on_failure: bool = False) -> JobStatus:
+        st = self.client.wait([self.job_id], timeout=timeout)[0]
+        if raise_on_failure and st.state == "failed":
+            raise JobFailed(self.job_id, (st.result.error if st.result else None) or "unknown")
+        return st
+
+
+class Client:
+    """``Client(settings).submit(JobSpec(prompt="a fox")) -> JobHandle``."""
+
+    def __init__(self, settings: ProducerSettings | None = None) -> None:
+        self.settings = settings or ProducerSettings()
+        self.celery = make_celery_client(self.settings)
+        self._redis: redis.Redis | None = None
+        self._store: ObjectStore | None = None
+
+    # -- connections, made on first use ---------------------------------------------------------
+
+    @property
+    def redis(self) -> redis.Redis:
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(self.settings.redis_url)
+        return self._redis
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            self._store = ObjectStore(self.settings)
+        return self._store
+
+    def close(self) -> None:
+        if self._redis is not None:
+            self._redis.close()
+        self.celery.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- submitting -----------------------------------------------------------------------------
+
+    def validate(self, job: JobSpec | dict[str, Any]) -> JobSpec:
+        """Check a job against this fleet's limits; raises JobValidationError naming each field."""
+        return validate_job(job, self.settings.limits())
+
+    def queue_for(self, spec: JobSpec) -> str:
+        return contract.queue_for(spec.model, self.settings.model_routes, self.settings.queue)
+
+    def submit(self, job: JobSpec | dict[str, Any]) -> JobHandle:
+        """Validate and enqueue one job. The same job id submitted twice enqueues once."""
+        return self.submit_many([job])[0]
+
+    def submit_many(self, jobs: Iterable[JobSpec | dict[str, Any]]) -> list[JobHandle]:
+        """Validate every job first (nothing is enqueued if one is bad), then enqueue each."""
+        specs = [self.validate(job) for job in jobs]
+        return [self._enqueue(spec) for spec in specs]
+
+    def _enqueue(self, spec: JobSpec) -> JobHandle:
+        queue = self.queue_for(spec)
+        claim = CLAIM_KEY.format(job_id=spec.job_id)
+        claimed = self.redis.set(claim, queue, nx=True, ex=self.settings.job_claim_ttl_s)
+        if not claimed:
+            log.info("job %s was submitted before; not enqueued again", spec.job_id)
+            prior = self.redis.get(claim)
+            prior_queue = prior.decode() if isinstance(prior, bytes) else queue
+            return JobHandle(spec.job_id, prior_queue, self, duplicate=True)
+        try:
+            self.celery.send_task(
+                contract.TASK_GENERATE,
+                kwargs={"job": spec.model_dump(mode="json")},
+                queue=queue,
+                task_id=spec.job_id,
+            )
+        except Exception:
+            self.redis.delete(claim)  # not enqueued: the id is free for a retry
+            raise
+        log.info("enqueued job %s on %s", spec.job_id, queue)
+        return JobHandle(spec.job_id, queue, self)
+
+    def handle(self, job_id: str) -> JobHandle:
+        return JobHandle(job_id, self.settings.queue, self)
+
+    # -- following ------------------------------------------------------------------------------
+
+    def status(self, job_id: str) -> JobStatus:
+        """The job's state. Celery says PENDING for ids it does not know or whose results
+        expired, so a PENDING job is looked up in S3 (its manifest) before it reads as queued."""
+        res = AsyncResult(job_id, app=self.celery)
+        state = res.state
+        if state == "SUCCESS":
+            return JobStatus(
+                job_id=job_id,
+                state="succeeded",
+                result=self._fresh_urls(JobResult.model_validate(res.result)),
+            )
+        if state == "FAILURE":
+            from_store = self._from_manifest(job_id)
+            if from_store is not None and from_store.state == "failed":
+                return from_store
+            reason = str(res.result) if res.result is not None else "unknown error"
+            return JobStatus(
+                job_id=job_id,
+                state="failed",
+                result=JobResult(
+                    job_id=job_id,
+                    status="failed",
+                    error=reason,
+                    error_type=type(res.result).__name__ if res.result is not None else None,
+                ),
+            )
+        if state in _RUNNING_STATES:
+            info = res.info if isinstance(res.info, dict) else {}
+            detail = None
+            if state == "PROGRESS" and info:
+                detail = f"step {info.get('step')}/{info.get('steps')}"
+            elif state == "RETRY":
+                detail = f"retrying: {res.info}"
+            return JobStatus(job_id=job_id, state="started", detail=detail)
+        from_store = self._from_manifest(job_id)
+        if from_store is not None:
+            return from_store
+        if self.redis.exists(CLAIM_KEY.format(job_id=job_id)):
+            return JobStatus(job_id=job_id, state="queued")
+        return JobStatus(
+            job_id=job_id, state="unknown", detail="no such job known to Redis or storage"
+        )
+
+    def _from_manifest(self, job_id: str) -> JobStatus | None:
+        manifest = self.store.get_json(contract.manifest_key(job_id, self.settings.s3_prefix))
+        if not manifest or "result" not in manifest:
+            return None
+        result = self._fresh_urls(JobResult.model_validate(manifest["result"]))
+        state: contract.JobState = "succeeded" if result.status == "succeeded" else "failed"
+        return JobStatus(job_id=job_id, state=state, result=result)
+
+    def _fresh_urls(self, result: JobResult) -> JobResult:
+        for record in result.images:
+            record.url = self.store.presign_get(record.key)
+        return result
+
+    def wait(
+        self,
+        job_ids: list[str],
+        timeout: float | None = None,
+        on_update: Callable[[JobStatus], None] | None = None,
+    ) -> list[JobStatus]:
+        """Poll until every job is done (or ``timeout`` passes); statuses in the given order."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        latest: dict[str, JobStatus] = {}
+        pending = list(dict.fromkeys(job_ids))
+        while pending:
+            for job_id in list(pending):
+                st = self.status(job_id)
+                previous = latest.get(job_id)
+                latest[job_id] = st
+                if on_update is not None and (previous is None or previous != st):
+                    on_update(st)
+                if st.done:
+                    pending.remove(job_id)
+            if not pending:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{len(pending)} job(s) not done after {timeout} s: " + ", ".join(pending[:5])
+                )
+            time.sleep(self.settings.poll_interval_s)
+        return [latest[j] for j in job_ids]
+
+    def download(self, result: JobResult, output: Path) -> list[Path]:
+        """Copy a job's images into ``output`` as ``<job_id>-<index>.png``."""
+        output.mkdir(parents=True, exist_ok=True)
+        paths: list[Path] = []
+        for record in result.images:
+            data = self.store.get_bytes(record.key)
+            if data is None:
+                raise FleetError(f"{self.store.uri(record.key)} is missing from storage")
+            path = output / f"{result.job_id}-{record.index:03d}.png"
+            path.write_bytes(data)
+            paths.append(path)
+        return paths

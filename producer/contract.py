@@ -1,0 +1,323 @@
+"""The message contract both sides import: task and queue names, job/result schemas, S3 key layout.
+
+Everything here is plain data and pydantic models: no Celery app, no torch. A service in another
+language can follow ``docs/contract.md`` instead of importing this module.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import uuid
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from producer.errors import JobValidationError
+
+#: Version of the job and result JSON schemas below; bumped on any incompatible change.
+SCHEMA_VERSION = 1
+#: The Celery task name a job is sent to (``send_task(TASK_GENERATE, kwargs={"job": {...}})``).
+TASK_GENERATE = "fleet.generate"
+#: The queue jobs go to unless a model route says otherwise.
+DEFAULT_QUEUE = "fleet"
+#: Seeds are unsigned 64-bit integers; image ``i`` of a job uses ``(seed + i) % SEED_MODULUS``.
+SEED_MODULUS = 2**64
+#: Random seeds the producer picks stay below 2**53 so JavaScript clients read them exactly.
+SAFE_RANDOM_SEED_LIMIT = 2**53
+#: Schedulers a job may name; "default" keeps the one the model ships with.
+SCHEDULERS: tuple[str, ...] = (
+    "default",
+    "ddim",
+    "pndm",
+    "euler",
+    "euler_a",
+    "dpmpp_2m",
+    "lms",
+    "heun",
+    "unipc",
+)
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+JOB_STATES = ("queued", "started", "succeeded", "failed", "unknown")
+JobState = Literal["queued", "started", "succeeded", "failed", "unknown"]
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def random_seed() -> int:
+    return secrets.randbelow(SAFE_RANDOM_SEED_LIMIT)
+
+
+def seed_for(seed: int, index: int) -> int:
+    """The seed of image ``index`` of a job whose first seed is ``seed``."""
+    return (seed + index) % SEED_MODULUS
+
+
+# ---------------------------------------------------------------------------------------------
+# S3 key layout: jobs/<job_id>/image-<index>.png and jobs/<job_id>/manifest.json, under a prefix.
+
+
+def job_prefix(job_id: str, prefix: str = "") -> str:
+    return f"{_norm_prefix(prefix)}jobs/{job_id}/"
+
+
+def image_key(job_id: str, index: int, prefix: str = "") -> str:
+    return f"{job_prefix(job_id, prefix)}image-{index:03d}.png"
+
+
+def manifest_key(job_id: str, prefix: str = "") -> str:
+    return f"{job_prefix(job_id, prefix)}manifest.json"
+
+
+def _norm_prefix(prefix: str) -> str:
+    prefix = prefix.strip("/")
+    return f"{prefix}/" if prefix else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits: the configurable bounds a job is checked against, on both sides.
+
+
+class Limits(BaseModel):
+    """Bounds for a job. Both the producer and the worker read them from their settings."""
+
+    model_config = ConfigDict(frozen=True)
+
+    min_side: int = 64
+    max_side: int = 2048
+    min_steps: int = 1
+    max_steps: int = 150
+    min_guidance: float = 0.0
+    max_guidance: float = 30.0
+    max_images: int = 8
+    max_prompt_chars: int = 2000
+    #: Empty means any model; otherwise a job's model must be on this list.
+    allowed_models: tuple[str, ...] = ()
+
+
+def _limits(info: ValidationInfo) -> Limits:
+    ctx = info.context or {}
+    limits = ctx.get("limits")
+    return limits if isinstance(limits, Limits) else Limits()
+
+
+# ---------------------------------------------------------------------------------------------
+# The job.
+
+
+class JobSpec(BaseModel):
+    """One prompt and its images: the unit the fleet queues, generates, stores and reports."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    job_id: str = Field(default_factory=new_job_id)
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 30
+    guidance: float = 7.5
+    seed: int = Field(default_factory=random_seed)
+    images: int = 1
+    #: None: the model the worker serves by default.
+    model: str | None = None
+    scheduler: str = "default"
+
+    @field_validator("schema_version")
+    @classmethod
+    def _schema(cls, v: int) -> int:
+        if v != SCHEMA_VERSION:
+            raise ValueError(f"this fleet speaks schema_version {SCHEMA_VERSION}")
+        return v
+
+    @field_validator("job_id")
+    @classmethod
+    def _job_id(cls, v: str) -> str:
+        if not JOB_ID_PATTERN.match(v):
+            raise ValueError(
+                "job ids are 1-128 characters of letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit"
+            )
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str, info: ValidationInfo) -> str:
+        limit = _limits(info).max_prompt_chars
+        if not v.strip():
+            raise ValueError("the prompt must not be empty")
+        if len(v) > limit:
+            raise ValueError(f"the prompt has {len(v)} characters; at most {limit} are allowed")
+        return v
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative(cls, v: str, info: ValidationInfo) -> str:
+        limit = _limits(info).max_prompt_chars
+        if len(v) > limit:
+            raise ValueError(f"it has {len(v)} characters; at most {limit} are allowed")
+        return v
+
+    @field_validator("width", "height")
+    @classmethod
+    def _side(cls, v: int, info: ValidationInfo) -> int:
+        lim = _limits(info)
+        if v % 8 or not lim.min_side <= v <= lim.max_side:
+            raise ValueError(f"must be a multiple of 8 from {lim.min_side} to {lim.max_side}")
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: int, info: ValidationInfo) -> int:
+        lim = _limits(info)
+        if not lim.min_steps <= v <= lim.max_steps:
+            raise ValueError(f"must be from {lim.min_steps} to {lim.max_steps}")
+        return v
+
+    @field_validator("guidance")
+    @classmethod
+    def _guidance(cls, v: float, info: ValidationInfo) -> float:
+        lim = _limits(info)
+        if not lim.min_guidance <= v <= lim.max_guidance:
+            raise ValueError(f"must be from {lim.min_guidance} to {lim.max_guidance}")
+        return v
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed(cls, v: Any) -> Any:
+        # JSON clients lose precision above 2**53, so a seed may come as a decimal string.
+        if isinstance(v, bool):
+            raise ValueError("must be an integer, not a boolean")
+        if isinstance(v, str):
+            if not v.strip().isdigit():
+                raise ValueError("must be an unsigned 64-bit integer (digits only)")
+            v = int(v.strip())
+        if isinstance(v, int) and not 0 <= v < SEED_MODULUS:
+            raise ValueError(f"must be an unsigned 64-bit integer, 0 to {SEED_MODULUS - 1}")
+        return v
+
+    @field_validator("images")
+    @classmethod
+    def _images(cls, v: int, info: ValidationInfo) -> int:
+        limit = _limits(info).max_images
+        if not 1 <= v <= limit:
+            raise ValueError(f"images per prompt must be from 1 to {limit}")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str | None, info: ValidationInfo) -> str | None:
+        allowed = _limits(info).allowed_models
+        if v is not None:
+            if not v.strip():
+                raise ValueError("must not be empty (leave it out for the worker's default model)")
+            if allowed and v not in allowed:
+                raise ValueError(f"model not allowed here; allowed: {', '.join(allowed)}")
+        return v
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        if v not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler; choose one of: {', '.join(SCHEDULERS)}")
+        return v
+
+    def seeds(self) -> list[int]:
+        return [seed_for(self.seed, i) for i in range(self.images)]
+
+    def recipe(self, model: str, revision: str | None) -> dict[str, Any]:
+        """The deterministic fields that make an image reproducible (PNG text chunk)."""
+        return {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "width": self.width,
+            "height": self.height,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "scheduler": self.scheduler,
+            "model": model,
+            "revision": revision,
+        }
+
+
+def validate_job(data: Any, limits: Limits | None = None) -> JobSpec:
+    """Validate a job (a dict from JSON or a JobSpec) against ``limits``.
+
+    Raises JobValidationError naming each bad field, its value and what is allowed.
+    """
+    if isinstance(data, JobSpec):
+        data = data.model_dump()
+    if not isinstance(data, dict):
+        raise JobValidationError([("job", data, "must be a JSON object (see docs/contract.md)")])
+    try:
+        return JobSpec.model_validate(data, context={"limits": limits or Limits()})
+    except ValidationError as exc:
+        problems: list[tuple[str, object, str]] = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "job"
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field; see docs/contract.md for the job schema"
+            value = err.get("input")
+            problems.append((field, value if err["type"] != "missing" else None, msg))
+        raise JobValidationError(problems) from None
+
+
+def queue_for(model: str | None, routes: dict[str, str], default: str = DEFAULT_QUEUE) -> str:
+    """The queue a job for ``model`` goes to: its route if one is configured, else ``default``."""
+    if model is not None and model in routes:
+        return routes[model]
+    return default
+
+
+# ---------------------------------------------------------------------------------------------
+# The result.
+
+
+class ImageRecord(BaseModel):
+    index: int
+    key: str
+    seed: int
+    width: int
+    height: int
+    url: str | None = None
+
+
+class JobResult(BaseModel):
+    """What a finished job returns (Celery result) and what its manifest records."""
+
+    model_config = ConfigDict(extra="allow")
+
+    schema_version: int = SCHEMA_VERSION
+    job_id: str
+    status: Literal["succeeded", "failed"]
+    bucket: str | None = None
+    images: list[ImageRecord] = Field(default_factory=list)
+    manifest_key: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    worker: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobStatus(BaseModel):
+    """What ``status`` reports: the state, and the result once there is one."""
+
+    job_id: str
+    state: JobState
+    result: JobResult | None = None
+    detail: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("succeeded", "failed")

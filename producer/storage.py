@@ -1,0 +1,137 @@
+"""The S3-compatible object store (AWS S3, R2, Garage, MinIO, SeaweedFS) through boto3."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from producer.errors import StorageError
+
+if TYPE_CHECKING:
+    from producer.settings import FleetSettings
+
+log = logging.getLogger(__name__)
+
+_MISSING_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+
+
+def make_s3_client(settings: FleetSettings) -> Any:
+    """A boto3 S3 client configured for S3-compatible servers.
+
+    SigV4 (SeaweedFS rejects presigned PUTs without it), checksums only when required (boto3 >= 1.36
+    sends checksum headers several S3-compatible servers reject), 'standard' retry mode.
+    """
+    config = Config(
+        signature_version="s3v4",
+        s3={"addressing_style": settings.s3_addressing_style},
+        retries={"mode": "standard", "max_attempts": settings.s3_max_attempts},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        connect_timeout=5,
+        read_timeout=30,
+    )
+    key = settings.s3_access_key_id
+    secret = settings.s3_secret_access_key
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url or None,
+        region_name=settings.s3_region,
+        aws_access_key_id=key.get_secret_value() if key else None,
+        aws_secret_access_key=secret.get_secret_value() if secret else None,
+        config=config,
+    )
+
+
+class ObjectStore:
+    """A bucket: put, get, exists, presign. Every failure becomes a StorageError."""
+
+    def __init__(self, settings: FleetSettings, client: Any | None = None) -> None:
+        self.bucket = settings.s3_bucket
+        self.presign_expiry_s = settings.presign_expiry_s
+        self.client = client or make_s3_client(settings)
+        if settings.s3_create_bucket:
+            self.ensure_bucket()
+
+    def ensure_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            if _code(exc) not in _MISSING_CODES:
+                raise StorageError(f"cannot reach bucket {self.bucket!r}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"cannot reach the S3 endpoint: {exc}") from exc
+        try:
+            self.client.create_bucket(Bucket=self.bucket)
+            log.info("created bucket %s", self.bucket)
+        except ClientError as exc:
+            if _code(exc) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                raise StorageError(f"cannot create bucket {self.bucket!r}: {exc}") from exc
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"upload of s3://{self.bucket}/{key} failed: {exc}") from exc
+
+    def put_json(self, key: str, obj: Any) -> None:
+        body = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+        self.put_bytes(key, body, "application/json")
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist."""
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=key)
+            return bytes(resp["Body"].read())
+        except ClientError as exc:
+            if _code(exc) in _MISSING_CODES:
+                return None
+            raise StorageError(f"download of s3://{self.bucket}/{key} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"download of s3://{self.bucket}/{key} failed: {exc}") from exc
+
+    def get_json(self, key: str) -> Any | None:
+        data = self.get_bytes(key)
+        return None if data is None else json.loads(data)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if _code(exc) in _MISSING_CODES:
+                return False
+            raise StorageError(f"cannot check s3://{self.bucket}/{key}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"cannot check s3://{self.bucket}/{key}: {exc}") from exc
+
+    def list_keys(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                keys.extend(obj["Key"] for obj in page.get("Contents", []))
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"cannot list s3://{self.bucket}/{prefix}: {exc}") from exc
+        return keys
+
+    def presign_get(self, key: str, expires_s: int | None = None) -> str:
+        return str(
+            self.client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": self.bucket, "Key": key},
+                ExpiresIn=expires_s or self.presign_expiry_s,
+            )
+        )
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))

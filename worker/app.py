@@ -1,0 +1,73 @@
+"""The Celery app and its configuration. No torch here: `celery inspect` and imports stay light."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from producer.contract import DEFAULT_QUEUE
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+def celery_config(settings: WorkerSettings) -> dict[str, Any]:
+    """The Celery settings the fleet relies on (reliability and the JSON-only contract)."""
+    return {
+        "broker_url": settings.redis_url,
+        "result_backend": settings.backend_url,
+        "result_expires": settings.result_expires_s,
+        "result_extended": True,
+        # JSON only: pickle from the queue would run arbitrary code in the worker.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # A job is acknowledged after it ran, so a killed worker's job is delivered again.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_track_started": True,
+        "task_default_queue": settings.queue or DEFAULT_QUEUE,
+        "task_create_missing_queues": True,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": 3600},
+        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+    }
+
+
+def create_app(settings: WorkerSettings | None = None) -> Celery:
+    settings = settings or WorkerSettings()
+    app = Celery("fleet")
+    app.conf.update(celery_config(settings))
+    # Registers the task by name; worker.tasks imports no torch at module level either.
+    app.conf.update(include=["worker.tasks"])
+    return app
+
+
+app = create_app()
+
+
+@worker_process_init.connect
+def _warm_up_in_child(**_: Any) -> None:
+    """Load the pipeline in the pool child, in a thread: Celery kills init handlers after 4 s."""
+    settings = WorkerSettings()
+    if not settings.warmup or not settings.model:
+        return
+
+    def load() -> None:
+        from worker.tasks import get_engine
+
+        try:
+            get_engine().setup()
+        except Exception:  # the first job reports the same error with its own id
+            log.exception("warm-up failed")
+
+    threading.Thread(target=load, name="fleet-warmup", daemon=True).start()

@@ -1,0 +1,264 @@
+"""The worker loop for one job: validate, generate, store with its recipe, report."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from producer import contract
+from producer.contract import JobResult, JobSpec, validate_job
+from producer.errors import FleetError, JobValidationError, StorageError
+from producer.storage import ObjectStore
+from worker.engine import Engine, StepCallback
+from worker.recipe import build_manifest, image_recipe, png_bytes
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+class JobLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Puts the job id and task id in front of every line of the worker loop."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        extra = self.extra or {}
+        return f"[job={extra.get('job_id')} task={extra.get('task_id')}] {msg}", kwargs
+
+
+class JobRunner:
+    """Runs jobs on one warm engine and stores their images under the contract's key layout."""
+
+    def __init__(self, settings: WorkerSettings, engine: Engine, store: ObjectStore) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+        self.spool_root = Path(settings.spool_dir or Path(tempfile.gettempdir()) / "fleet-spool")
+
+    def run(
+        self,
+        job: Any,
+        task_id: str | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
+        """Run one job and return its JobResult as JSON-ready dict. Raises FleetError on failure."""
+        job_id = job.get("job_id") if isinstance(job, dict) else None
+        jlog = JobLog(log, {"job_id": job_id, "task_id": task_id})
+        started = time.perf_counter()
+        try:
+            spec = validate_job(job, self.settings.limits())
+        except JobValidationError as exc:
+            jlog.warning("refused: %s", exc)
+            raise
+        jlog.info(
+            "received: %d image(s) %dx%d, %d steps",
+            spec.images,
+            spec.width,
+            spec.height,
+            spec.steps,
+        )
+        self._check_model(spec)
+
+        done = self._already_done(spec)
+        if done is not None:
+            jlog.info("already complete in storage; not generating again")
+            return done
+
+        try:
+            pngs, worker_info, timings = self._generate(spec, jlog, on_progress)
+            result = self._store(spec, pngs, worker_info, timings, started, jlog)
+        except StorageError:
+            raise  # retried by the task with backoff; the spool keeps the images meanwhile
+        except FleetError as exc:
+            self.record_failure(spec, exc, jlog)
+            raise
+        shutil.rmtree(self._spool(spec), ignore_errors=True)
+        return result
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def _check_model(self, spec: JobSpec) -> None:
+        served = self.settings.served_model
+        if spec.model is not None and spec.model != served:
+            raise JobValidationError(
+                [
+                    (
+                        "model",
+                        spec.model,
+                        f"this worker serves {served!r}; route that model to a "
+                        "queue whose workers serve it (FLEET_MODEL_ROUTES)",
+                    )
+                ]
+            )
+
+    def _already_done(self, spec: JobSpec) -> dict[str, Any] | None:
+        manifest = self.store.get_json(contract.manifest_key(spec.job_id, self.settings.s3_prefix))
+        if not manifest or manifest.get("status") != "succeeded":
+            return None
+        result = JobResult.model_validate(manifest["result"])
+        return self._with_urls(result).model_dump(mode="json")
+
+    def _generate(
+        self, spec: JobSpec, jlog: JobLog, on_progress: ProgressCallback | None
+    ) -> tuple[list[bytes], dict[str, Any], dict[str, float]]:
+        spool = self._spool(spec)
+        cached = self._read_spool(spool, spec)
+        self.engine.setup()
+        worker_info = self.engine.describe()
+        if cached is not None:
+            jlog.info("reusing %d image(s) generated before storage failed", len(cached))
+            return cached, worker_info, {"generate_s": 0.0, "reused_from_spool": 1.0}
+
+        step_cb = self._step_reporter(spec, on_progress)
+        generated = self.engine.generate(spec, on_step=step_cb)
+        model = self.settings.served_model or ""
+        pngs = [
+            png_bytes(image, image_recipe(spec, seed, model, self.settings.model_revision))
+            for image, seed in zip(generated.images, generated.seeds, strict=True)
+        ]
+        self._write_spool(spool, spec, pngs)
+        jlog.info("generated %d image(s) in %.2f s", len(pngs), generated.timings["generate_s"])
+        return pngs, worker_info, dict(generated.timings)
+
+    def _store(
+        self,
+        spec: JobSpec,
+        pngs: list[bytes],
+        worker_info: dict[str, Any],
+        timings: dict[str, float],
+        started: float,
+        jlog: JobLog,
+    ) -> dict[str, Any]:
+        prefix = self.settings.s3_prefix
+        upload_started = time.perf_counter()
+        records: list[contract.ImageRecord] = []
+        for index, (data, seed) in enumerate(zip(pngs, spec.seeds(), strict=True)):
+            key = contract.image_key(spec.job_id, index, prefix)
+            self.store.put_bytes(key, data, "image/png")
+            records.append(
+                contract.ImageRecord(
+                    index=index, key=key, seed=seed, width=spec.width, height=spec.height
+                )
+            )
+        timings = {**timings, "upload_s": time.perf_counter() - upload_started}
+        timings["total_s"] = time.perf_counter() - started
+        mkey = contract.manifest_key(spec.job_id, prefix)
+        result = JobResult(
+            job_id=spec.job_id,
+            status="succeeded",
+            bucket=self.store.bucket,
+            images=records,
+            manifest_key=mkey,
+            timings=timings,
+            worker=_worker_summary(worker_info),
+        )
+        manifest = build_manifest(
+            spec,
+            status="succeeded",
+            images=[r.model_dump() for r in records],
+            worker=worker_info,
+            timings=timings,
+        )
+        manifest["result"] = result.model_dump(mode="json")
+        # The manifest goes last: its presence with status "succeeded" marks the job complete.
+        self.store.put_json(mkey, manifest)
+        jlog.info("stored %d image(s) and %s in %.2f s", len(records), mkey, timings["upload_s"])
+        return self._with_urls(result).model_dump(mode="json")
+
+    def record_failure(self, spec: JobSpec, exc: BaseException, jlog: JobLog) -> None:
+        """Write a failure manifest so the failure outlives Celery's expiring results."""
+        mkey = contract.manifest_key(spec.job_id, self.settings.s3_prefix)
+        try:
+            worker_info = self.engine.describe()
+        except Exception:
+            worker_info = {}
+        result = JobResult(
+            job_id=spec.job_id,
+            status="failed",
+            bucket=self.store.bucket,
+            manifest_key=mkey,
+            error=str(exc),
+            error_type=type(exc).__name__,
+            worker=_worker_summary(worker_info),
+        )
+        manifest = build_manifest(
+            spec,
+            status="failed",
+            images=[],
+            worker=worker_info,
+            timings={},
+            error=str(exc),
+            error_type=type(exc).__name__,
+        )
+        manifest["result"] = result.model_dump(mode="json")
+        try:
+            self.store.put_json(mkey, manifest)
+            jlog.error("failed: %s (recorded in %s)", exc, mkey)
+        except StorageError as store_exc:
+            jlog.error("failed: %s; and the failure could not be recorded: %s", exc, store_exc)
+
+    def _with_urls(self, result: JobResult) -> JobResult:
+        for record in result.images:
+            record.url = self.store.presign_get(record.key)
+        return result
+
+    def _step_reporter(
+        self, spec: JobSpec, on_progress: ProgressCallback | None
+    ) -> StepCallback | None:
+        if on_progress is None:
+            return None
+        interval = self.settings.progress_interval_s
+        last = 0.0
+
+        def report(step: int, total: int) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if step == total or now - last >= interval:
+                last = now
+                on_progress(
+                    {"job_id": spec.job_id, "step": step, "steps": total, "images": spec.images}
+                )
+
+        return report
+
+    # -- spool: generated PNGs wait on local disk until they are stored ------------------------
+
+    def _spool(self, spec: JobSpec) -> Path:
+        return self.spool_root / spec.job_id
+
+    def _read_spool(self, spool: Path, spec: JobSpec) -> list[bytes] | None:
+        marker = spool / "job.json"
+        if not marker.exists() or marker.read_text() != spec.model_dump_json():
+            return None
+        files = [spool / f"image-{i:03d}.png" for i in range(spec.images)]
+        if not all(f.exists() for f in files):
+            return None
+        return [f.read_bytes() for f in files]
+
+    def _write_spool(self, spool: Path, spec: JobSpec, pngs: list[bytes]) -> None:
+        spool.mkdir(parents=True, exist_ok=True)
+        for i, data in enumerate(pngs):
+            (spool / f"image-{i:03d}.png").write_bytes(data)
+        (spool / "job.json").write_text(spec.model_dump_json())
+
+
+def _worker_summary(info: dict[str, Any]) -> dict[str, Any]:
+    keys = (
+        "host",
+        "node",
+        "device",
+        "device_type",
+        "gpu_name",
+        "dtype",
+        "model_name",
+        "pipeline",
+        "torch",
+        "diffusers",
+        "torch_threads",
+    )
+    return {k: info[k] for k in keys if k in info}

@@ -1,0 +1,77 @@
+"""What makes an image reproducible: the PNG text chunk and the job manifest."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from producer.contract import SCHEMA_VERSION, JobSpec
+
+#: The PNG tEXt key that holds the recipe as JSON.
+PNG_RECIPE_KEY = "fleet:recipe"
+
+
+def image_recipe(spec: JobSpec, seed: int, model: str, revision: str | None) -> dict:
+    """Deterministic fields only (no job id, host or time): the same recipe gives the same bytes."""
+    recipe = spec.recipe(model, revision)
+    recipe["seed"] = seed
+    return recipe
+
+
+def png_bytes(image: Image.Image, recipe: dict[str, Any]) -> bytes:
+    """Encode ``image`` as PNG with the recipe in a text chunk (no timestamps, so bytes repeat)."""
+    info = PngInfo()
+    info.add_text(PNG_RECIPE_KEY, json.dumps(recipe, sort_keys=True, ensure_ascii=False))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def read_png_recipe(data: bytes) -> dict[str, Any]:
+    """The recipe stored in a PNG made by the fleet."""
+    with Image.open(io.BytesIO(data)) as img:
+        text = img.text.get(PNG_RECIPE_KEY)  # type: ignore[attr-defined]
+    if text is None:
+        raise ValueError("this PNG carries no diffusion-fleet recipe")
+    return dict(json.loads(text))
+
+
+def build_manifest(
+    spec: JobSpec,
+    *,
+    status: str,
+    images: list[dict[str, Any]],
+    worker: dict[str, Any],
+    timings: dict[str, float],
+    error: str | None = None,
+    error_type: str | None = None,
+) -> dict[str, Any]:
+    """One JSON document per job: the full recipe plus where, how and how fast it ran."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "job_id": spec.job_id,
+        "status": status,
+        "job": spec.model_dump(mode="json"),
+        "prompt": spec.prompt,
+        "negative_prompt": spec.negative_prompt,
+        "seeds": spec.seeds(),
+        "width": spec.width,
+        "height": spec.height,
+        "steps": spec.steps,
+        "guidance": spec.guidance,
+        "scheduler": spec.scheduler,
+        "model": worker.get("model_name") or spec.model,
+        "model_source": worker.get("model"),
+        "revision": worker.get("revision"),
+        "images": images,
+        "worker": worker,
+        "timings": timings,
+        "error": error,
+        "error_type": error_type,
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+    }

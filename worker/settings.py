@@ -1,0 +1,41 @@
+"""Worker settings: the shared fleet settings plus the model, device and pool, from FLEET_* env."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from producer.settings import FleetSettings
+
+Dtype = Literal["auto", "float16", "bfloat16", "float32"]
+
+
+class WorkerSettings(FleetSettings):
+    """Everything a worker process reads at start. See .env.example for each variable."""
+
+    model: str | None = Field(
+        None, description="Hub id or local folder of the diffusers pipeline this worker serves."
+    )
+    model_name: str | None = Field(
+        None, description="The name jobs use for this model; defaults to FLEET_MODEL."
+    )
+    model_revision: str | None = Field(None, description="Hub revision; pin a commit to reproduce.")
+    local_files_only: bool = Field(False, description="Never contact the model hub.")
+    dtype: Dtype = Field("auto", description="auto: float16 on CUDA, float32 on CPU.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    torch_threads: int | None = Field(None, description="torch.set_num_threads in the worker.")
+    warmup: bool = Field(True, description="Load the pipeline in the pool child at start.")
+    node_label: str | None = Field(None, description="Shown in manifests; defaults to host name.")
+    spool_dir: str | None = Field(
+        None, description="Local folder for generated PNGs until they are stored; default: tmp."
+    )
+    storage_retries: int = Field(
+        10, description="Task-level retries (exponential backoff) while S3 is unreachable."
+    )
+    storage_retry_backoff_max_s: int = Field(60, description="Cap of one backoff delay.")
+    progress_interval_s: float = Field(0.5, description="Least time between progress updates.")
+
+    @property
+    def served_model(self) -> str | None:
+        return self.model_name or self.model

@@ -1,0 +1,82 @@
+"""The Celery task: a thin shell around the job runner. Torch is imported on first use only."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from celery import Task
+
+from producer.contract import TASK_GENERATE
+from producer.errors import JobValidationError, StorageError
+from worker.app import app
+from worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from worker.engine import Engine
+    from worker.jobrunner import JobRunner
+
+log = logging.getLogger(__name__)
+
+_settings: WorkerSettings | None = None
+_engine: Engine | None = None
+_runner: JobRunner | None = None
+
+
+def get_settings() -> WorkerSettings:
+    global _settings
+    if _settings is None:
+        _settings = WorkerSettings()
+    return _settings
+
+
+def get_engine() -> Engine:
+    """The process-wide warm engine (created in the pool child, never in the forking parent)."""
+    global _engine
+    if _engine is None:
+        from worker.engine import Engine
+
+        _engine = Engine(get_settings())
+    return _engine
+
+
+def get_runner() -> JobRunner:
+    global _runner
+    if _runner is None:
+        from producer.storage import ObjectStore
+        from worker.jobrunner import JobRunner
+
+        _runner = JobRunner(get_settings(), get_engine(), ObjectStore(get_settings()))
+    return _runner
+
+
+@app.task(
+    name=TASK_GENERATE,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(StorageError,),
+    retry_backoff=2,
+    retry_backoff_max=get_settings().storage_retry_backoff_max_s,
+    retry_jitter=True,
+    max_retries=get_settings().storage_retries,
+)
+def generate(self: Task, job: Any = None, **unexpected: Any) -> dict[str, Any]:
+    """Generate one job's images. ``job`` is the JSON job of docs/contract.md."""
+    if unexpected or job is None:
+        # Wrong message shape: fail it once with a clear reason; it is never retried.
+        raise JobValidationError(
+            [
+                (
+                    "kwargs",
+                    sorted(unexpected),
+                    f"a {TASK_GENERATE} message takes exactly one keyword argument 'job' "
+                    "(see docs/contract.md)",
+                )
+            ]
+        )
+
+    def progress(meta: dict[str, Any]) -> None:
+        self.update_state(state="PROGRESS", meta=meta)
+
+    return get_runner().run(job, task_id=self.request.id, on_progress=progress)
