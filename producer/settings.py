@@ -35,7 +35,11 @@ class FleetSettings(BaseSettings):
     """What both the producer and the workers need: where Redis and S3 are, and the job limits."""
 
     model_config = SettingsConfigDict(
-        env_prefix="FLEET_", env_file=".env", extra="ignore", validate_default=True
+        env_prefix="FLEET_",
+        env_file=".env",
+        env_ignore_empty=True,
+        extra="ignore",
+        validate_default=True,
     )
 
     # --- Redis / Celery

@@ -101,9 +101,8 @@ class Engine:
             "load_seconds": self.load_seconds,
         }
         if self.placement is not None:
-            info.update(self.placement.info)
+            info.update(self.placement.describe())
             info["dtype"] = self.placement.dtype_name
-            info["device"] = self.placement.device
         return info
 
     # -- generation ------------------------------------------------------------------------------
@@ -138,7 +137,7 @@ class Engine:
         """The pipeline call for a job, keeping only the arguments this pipeline accepts."""
         assert self.placement is not None
         self.pipe.scheduler = self.scheduler_for(spec.scheduler)
-        gen_device = self.placement.device if self.placement.device != "mps" else "cpu"
+        gen_device = self.placement.generator_device
         wanted: dict[str, Any] = {
             "prompt": spec.prompt,
             "negative_prompt": spec.negative_prompt or None,

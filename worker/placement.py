@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -63,19 +64,110 @@ def resolve_dtype(setting: str, device: str) -> torch.dtype:
         ) from None
 
 
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+
+
+def parse_max_memory(text: str | None, gpu_count: int) -> dict[int | str, str] | None:
+    """Parse ``0=20GiB,1=20GiB,cpu=64GiB`` into accelerate's ``max_memory`` and check it against
+    the devices present (naming a GPU that is not there would otherwise fail deep inside
+    accelerate with "Cannot access accelerator device when none is available")."""
+    if text is None or not text.strip():
+        return None
+    out: dict[int | str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key, value = key.strip().lower(), value.strip()
+        if not sep or not key or not value:
+            raise ConfigurationError(
+                f"FLEET_MAX_MEMORY: {item.strip()!r} is not DEVICE=SIZE (e.g. 0=20GiB,cpu=64GiB)"
+            )
+        if not _MEMORY.match(value):
+            raise ConfigurationError(
+                f"FLEET_MAX_MEMORY: {value!r} for {key} is not a size like 20GiB, 500MB or 1024"
+            )
+        device: int | str
+        if key in ("cpu", "disk", "mps"):
+            device = key
+        elif key.removeprefix("cuda:").isdigit():
+            device = int(key.removeprefix("cuda:"))
+            if device >= gpu_count:
+                seen = "no GPU is visible" if gpu_count == 0 else f"only GPUs 0-{gpu_count - 1} "
+                raise ConfigurationError(
+                    f"FLEET_MAX_MEMORY names GPU {device} but {seen}"
+                    f"{' are visible' if gpu_count else ''} "
+                    f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+                )
+        else:
+            raise ConfigurationError(
+                f"FLEET_MAX_MEMORY: unknown device {key!r}; use GPU numbers, cpu or disk"
+            )
+        if device in out:
+            raise ConfigurationError(f"FLEET_MAX_MEMORY names {key} twice")
+        out[device] = value.replace(" ", "")
+    if out and not any(isinstance(k, int) for k in out):
+        raise ConfigurationError(
+            "FLEET_MAX_MEMORY names no GPU: a device left out of max_memory is not used at all"
+        )
+    return out
+
+
 @dataclass
 class Placement:
     """The resolved device and dtype, and facts about the device for manifests and status."""
 
     device: str
     dtype: torch.dtype
+    mode: str = "pinned"
+    offload: str = "none"
+    max_memory: dict[int | str, str] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    hf_device_map: dict[str, Any] | None = None
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> Placement:
-        device = resolve_device(settings.device)
+        gpu_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if settings.placement == "balanced":
+            if gpu_count == 0:
+                # diffusers would silently ignore device_map="balanced" on a CPU-only machine.
+                raise ConfigurationError(
+                    "FLEET_PLACEMENT=balanced spreads a model over CUDA GPUs, but none is visible "
+                    f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                    "use FLEET_PLACEMENT=pinned on this machine"
+                )
+            max_memory = parse_max_memory(settings.max_memory, gpu_count)
+            device = "cuda:0"
+        else:
+            if settings.max_memory:
+                raise ConfigurationError(
+                    "FLEET_MAX_MEMORY applies to FLEET_PLACEMENT=balanced only; unset it or "
+                    "set FLEET_PLACEMENT=balanced"
+                )
+            max_memory = None
+            device = resolve_device(settings.device)
+        if settings.offload != "none" and gpu_count == 0:
+            raise ConfigurationError(
+                f"FLEET_OFFLOAD={settings.offload} moves weights between CPU and a CUDA GPU, "
+                "but none is visible; use FLEET_OFFLOAD=none"
+            )
         dtype = resolve_dtype(settings.dtype, device)
-        return cls(device=device, dtype=dtype, info=device_info(device))
+        return cls(
+            device=device,
+            dtype=dtype,
+            mode=settings.placement,
+            offload=settings.offload,
+            max_memory=max_memory,
+            info=device_info(device),
+        )
+
+    @property
+    def generator_device(self) -> str:
+        """Pinned CUDA workers seed on the GPU; offloaded or balanced ones on the CPU, since
+        their components move between devices (diffusers moves CPU noise where it is needed)."""
+        if self.mode == "pinned" and self.offload == "none" and self.device.startswith("cuda"):
+            return self.device
+        return "cpu"
 
     @property
     def dtype_name(self) -> str:
@@ -89,23 +181,70 @@ class Placement:
             raise ConfigurationError(
                 "FLEET_MODEL is not set: give a hub id or a local folder with a diffusers pipeline"
             )
+        extra: dict[str, Any] = {}
+        if self.mode == "balanced":
+            extra["device_map"] = "balanced"
+            if self.max_memory:
+                extra["max_memory"] = self.max_memory
         try:
             pipe = DiffusionPipeline.from_pretrained(
                 settings.model,
                 revision=settings.model_revision,
-                torch_dtype=self.dtype,
+                **dtype_kwarg(self.dtype),
                 use_safetensors=True,
                 local_files_only=settings.local_files_only,
+                **extra,
             )
         except Exception as exc:
             raise ModelLoadError(
                 f"cannot load model {settings.model!r} (revision {settings.model_revision!r}): "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        pipe.to(self.device)
+        self.place(pipe)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def place(self, pipe: Any) -> None:
+        """Move a loaded pipeline where it belongs and record its device map."""
+        if self.mode == "balanced":
+            self.hf_device_map = dict(getattr(pipe, "hf_device_map", None) or {})
+            log.info("balanced device map: %s", self.hf_device_map)
+            if self.offload == "none":
+                return
+            # A placed pipeline refuses offloading until its device map is undone.
+            pipe.reset_device_map()
+        if self.offload == "model":
+            pipe.enable_model_cpu_offload(device=self.device)
+        elif self.offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
+
+    def release(self, pipe: Any) -> None:
+        """Undo the placement before the pipeline is moved, offloaded or swapped."""
+        if getattr(pipe, "hf_device_map", None):
+            pipe.reset_device_map()
+        self.hf_device_map = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self.info,
+            "placement": self.mode,
+            "offload": self.offload,
+            "max_memory": {str(k): v for k, v in (self.max_memory or {}).items()} or None,
+            "hf_device_map": self.hf_device_map,
+            "generator_device": self.generator_device,
+        }
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``dtype=`` on diffusers that deprecated ``torch_dtype=`` (0.36+), else ``torch_dtype=``."""
+    from diffusers.utils import deprecation_utils
+
+    if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE"):
+        return {"dtype": dtype}
+    return {"torch_dtype": dtype}
 
 
 def device_info(device: str) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from pydantic import Field
 from producer.settings import FleetSettings
 
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
+PlacementMode = Literal["pinned", "balanced"]
+OffloadMode = Literal["none", "model", "sequential"]
 
 
 class WorkerSettings(FleetSettings):
@@ -24,6 +26,19 @@ class WorkerSettings(FleetSettings):
     local_files_only: bool = Field(False, description="Never contact the model hub.")
     dtype: Dtype = Field("auto", description="auto: float16 on CUDA, float32 on CPU.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    placement: PlacementMode = Field(
+        "pinned",
+        description="pinned: the whole pipeline on one device; balanced: device_map='balanced' "
+        "over every visible GPU.",
+    )
+    max_memory: str | None = Field(
+        None, description="Balanced only: per-device caps, e.g. 0=20GiB,1=20GiB,cpu=64GiB."
+    )
+    offload: OffloadMode = Field(
+        "none",
+        description="CPU offload on CUDA: model (enable_model_cpu_offload, moderate cost) or "
+        "sequential (enable_sequential_cpu_offload, fits almost anything, very slow).",
+    )
     torch_threads: int | None = Field(None, description="torch.set_num_threads in the worker.")
     warmup: bool = Field(True, description="Load the pipeline in the pool child at start.")
     node_label: str | None = Field(None, description="Shown in manifests; defaults to host name.")

@@ -1,0 +1,85 @@
+"""Shared fixtures: the real services (Redis, SeaweedFS S3), the tiny model and real workers."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fleet_fixtures import REPO, WorkerProcess, settings_kwargs
+
+
+@pytest.fixture(scope="session")
+def endpoints(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from producer.local_services import local_services
+
+    with local_services(workdir=tmp_path_factory.mktemp("services")) as ep:
+        yield ep
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from worker.testmodel import build_test_model
+
+    return build_test_model("tiny", REPO / ".models" / "tiny")
+
+
+@pytest.fixture(scope="session")
+def fleet_env(endpoints, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[no-untyped-def]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(endpoints.env())
+    env.update(
+        FLEET_MODEL=str(tiny_model),
+        FLEET_MODEL_NAME="tiny",
+        FLEET_DEVICE="cpu",
+        FLEET_TORCH_THREADS="1",
+        FLEET_LOCAL_FILES_ONLY="true",
+        FLEET_SPOOL_DIR=str(tmp_path_factory.mktemp("spool")),
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def start_worker(
+    fleet_env: dict, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+    logs = tmp_path_factory.mktemp("worker-logs")
+
+    def start(name: str, queues: str = "fleet", **env: str) -> WorkerProcess:
+        node = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
+        w = WorkerProcess(node, {**fleet_env, **env}, logs / f"{name}.log", queues=queues)
+        started.append(w)
+        return w.start()
+
+    yield start
+    for w in started:
+        w.stop()
+
+
+@pytest.fixture(scope="session")
+def worker(start_worker: Callable[..., WorkerProcess]) -> WorkerProcess:
+    """The shared worker on the default queue, serving the tiny model."""
+    return start_worker("main")
+
+
+@pytest.fixture()
+def client(fleet_env: dict) -> Iterator:  # type: ignore[type-arg]
+    from producer.client import Client
+    from producer.settings import ProducerSettings
+
+    with Client(ProducerSettings(_env_file=None, **settings_kwargs(fleet_env))) as c:
+        yield c
+
+
+@pytest.fixture()
+def store(fleet_env: dict):  # type: ignore[no-untyped-def]
+    from producer.settings import ProducerSettings
+    from producer.storage import ObjectStore
+
+    return ObjectStore(ProducerSettings(_env_file=None, **settings_kwargs(fleet_env)))

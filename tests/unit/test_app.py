@@ -1,0 +1,38 @@
+"""The Celery app: JSON only, late acks, prefetch 1, and no torch import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from producer.contract import TASK_GENERATE
+from worker.app import celery_config, create_app
+from worker.settings import WorkerSettings
+
+
+def test_reliability_and_serialization_settings() -> None:
+    conf = celery_config(WorkerSettings(redis_url="redis://127.0.0.1:1/0"))
+    assert conf["task_serializer"] == "json"
+    assert conf["accept_content"] == ["json"]  # pickle is refused
+    assert conf["result_accept_content"] == ["json"]
+    assert conf["task_acks_late"] is True
+    assert conf["task_reject_on_worker_lost"] is True
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["task_default_queue"] == "fleet"
+
+
+def test_task_is_registered_by_contract_name() -> None:
+    app = create_app(WorkerSettings(redis_url="redis://127.0.0.1:1/0"))
+    app.loader.import_default_modules()
+    import worker.tasks  # noqa: F401  (registers on the default app)
+
+    assert TASK_GENERATE in worker.tasks.app.tasks
+
+
+def test_app_and_producer_import_no_torch() -> None:
+    code = (
+        "import sys, worker.app, worker.tasks, producer.client, producer.cli;"
+        "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules];"
+        "sys.exit(1 if bad else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

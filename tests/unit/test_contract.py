@@ -1,0 +1,139 @@
+"""Validation rules of the job contract, each with the message a user sees."""
+
+from __future__ import annotations
+
+import pytest
+
+from producer import contract
+from producer.contract import JobSpec, Limits, validate_job
+from producer.errors import JobValidationError
+
+
+def problems(data: dict, limits: Limits | None = None) -> dict[str, str]:
+    with pytest.raises(JobValidationError) as info:
+        validate_job(data, limits)
+    return {field: msg for field, _, msg in info.value.problems}
+
+
+def test_a_good_job_gets_defaults_and_an_id() -> None:
+    spec = validate_job({"prompt": "a lighthouse at dusk"})
+    assert spec.schema_version == contract.SCHEMA_VERSION
+    assert contract.JOB_ID_PATTERN.match(spec.job_id)
+    assert 0 <= spec.seed < contract.SAFE_RANDOM_SEED_LIMIT
+    assert (spec.width, spec.height, spec.images, spec.scheduler) == (512, 512, 1, "default")
+
+
+@pytest.mark.parametrize("side", [100, 63, 0, 4096])
+def test_width_must_be_a_multiple_of_8_within_bounds(side: int) -> None:
+    msgs = problems({"prompt": "x", "width": side})
+    assert msgs == {"width": "must be a multiple of 8 from 64 to 2048"}
+
+
+def test_height_bounds_come_from_limits() -> None:
+    limits = Limits(max_side=256)
+    assert problems({"prompt": "x", "height": 512}, limits) == {
+        "height": "must be a multiple of 8 from 64 to 256"
+    }
+    assert validate_job({"prompt": "x", "height": 256}, limits).height == 256
+
+
+def test_steps_guidance_images_bounds() -> None:
+    msgs = problems({"prompt": "x", "steps": 0, "guidance": 31, "images": 9})
+    assert msgs["steps"] == "must be from 1 to 150"
+    assert msgs["guidance"] == "must be from 0.0 to 30.0"
+    assert msgs["images"] == "images per prompt must be from 1 to 8"
+
+
+def test_prompt_must_not_be_empty_or_too_long() -> None:
+    assert problems({"prompt": "   "}) == {"prompt": "the prompt must not be empty"}
+    msgs = problems({"prompt": "x" * 11}, Limits(max_prompt_chars=10))
+    assert msgs == {"prompt": "the prompt has 11 characters; at most 10 are allowed"}
+    assert "prompt" in problems({})
+
+
+def test_seed_is_unsigned_64_bit_and_may_be_a_string() -> None:
+    top = 2**64 - 1
+    assert validate_job({"prompt": "x", "seed": str(top)}).seed == top
+    assert validate_job({"prompt": "x", "seed": 7}).seed == 7
+    assert "seed" in problems({"prompt": "x", "seed": 2**64})
+    assert "seed" in problems({"prompt": "x", "seed": -1})
+    assert "seed" in problems({"prompt": "x", "seed": "12abc"})
+    assert "seed" in problems({"prompt": "x", "seed": True})
+
+
+def test_image_seeds_wrap_modulo_2_64() -> None:
+    spec = validate_job({"prompt": "x", "seed": str(2**64 - 2), "images": 3})
+    assert spec.seeds() == [2**64 - 2, 2**64 - 1, 0]
+
+
+def test_model_must_be_on_the_allowed_list_when_there_is_one() -> None:
+    limits = Limits(allowed_models=("sd15", "sdxl"))
+    assert problems({"prompt": "x", "model": "flux"}, limits) == {
+        "model": "model not allowed here; allowed: sd15, sdxl"
+    }
+    assert validate_job({"prompt": "x", "model": "sdxl"}, limits).model == "sdxl"
+    assert validate_job({"prompt": "x", "model": "anything"}).model == "anything"
+
+
+def test_unknown_scheduler_and_unknown_fields_are_refused() -> None:
+    msgs = problems({"prompt": "x", "scheduler": "magic", "colour": "red"})
+    assert msgs["scheduler"].startswith("unknown scheduler; choose one of: default, ddim")
+    assert msgs["colour"] == "unknown field; see docs/contract.md for the job schema"
+
+
+@pytest.mark.parametrize("job_id", ["", "../etc", "a/b", "-x", "x" * 129, "a b"])
+def test_job_ids_are_safe_key_parts(job_id: str) -> None:
+    assert "job_id" in problems({"prompt": "x", "job_id": job_id})
+
+
+def test_schema_version_is_checked() -> None:
+    assert problems({"prompt": "x", "schema_version": 2}) == {
+        "schema_version": f"this fleet speaks schema_version {contract.SCHEMA_VERSION}"
+    }
+
+
+def test_the_message_names_field_value_and_rule() -> None:
+    with pytest.raises(JobValidationError) as info:
+        validate_job({"prompt": "x", "width": 100})
+    assert str(info.value) == "invalid job: width=100: must be a multiple of 8 from 64 to 2048"
+
+
+def test_not_an_object() -> None:
+    with pytest.raises(JobValidationError, match="must be a JSON object"):
+        validate_job(["prompt"])
+
+
+def test_jobspec_instance_is_revalidated_against_limits() -> None:
+    spec = JobSpec(prompt="x", width=1024)
+    with pytest.raises(JobValidationError, match="width=1024"):
+        validate_job(spec, Limits(max_side=512))
+
+
+def test_key_layout() -> None:
+    assert contract.image_key("j1", 3) == "jobs/j1/image-003.png"
+    assert contract.manifest_key("j1") == "jobs/j1/manifest.json"
+    assert contract.image_key("j1", 0, prefix="/team-a/") == "team-a/jobs/j1/image-000.png"
+    assert contract.manifest_key("j1", prefix="x") == "x/jobs/j1/manifest.json"
+
+
+def test_routing_by_model() -> None:
+    routes = {"flux": "fleet.balanced"}
+    assert contract.queue_for("flux", routes) == "fleet.balanced"
+    assert contract.queue_for("sd15", routes) == contract.DEFAULT_QUEUE
+    assert contract.queue_for(None, routes, "mine") == "mine"
+
+
+def test_recipe_holds_only_deterministic_fields() -> None:
+    spec = validate_job({"prompt": "x", "seed": 5})
+    recipe = spec.recipe("m", "abc")
+    assert set(recipe) == {
+        "prompt",
+        "negative_prompt",
+        "width",
+        "height",
+        "steps",
+        "guidance",
+        "scheduler",
+        "model",
+        "revision",
+    }

@@ -1,0 +1,90 @@
+"""Placement on CPU: device and dtype resolution, max_memory parsing, balanced/offload checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from producer.errors import ConfigurationError
+from worker.placement import Placement, parse_max_memory, resolve_device, resolve_dtype
+from worker.settings import WorkerSettings
+
+
+
+def test_auto_device_is_cpu_without_cuda() -> None:
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == expected
+    assert resolve_device("CPU") == "cpu"
+
+
+def test_cuda_device_without_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigurationError, match="no CUDA device is visible"):
+        resolve_device("cuda:1")
+    with pytest.raises(ConfigurationError, match="use auto, cpu, cuda, cuda:N or mps"):
+        resolve_device("tpu")
+
+
+def test_dtype_defaults() -> None:
+    assert resolve_dtype("auto", "cpu") is torch.float32
+    assert resolve_dtype("auto", "cuda:0") is torch.float16
+    assert resolve_dtype("bfloat16", "cpu") is torch.bfloat16
+
+
+def test_parse_max_memory() -> None:
+    assert parse_max_memory("0=20GiB, 1=20GiB ,cpu=64GiB", gpu_count=2) == {
+        0: "20GiB", 1: "20GiB", "cpu": "64GiB",
+    }  # fmt: skip
+    assert parse_max_memory("cuda:0=1GB", gpu_count=1) == {0: "1GB"}
+    assert parse_max_memory("", gpu_count=1) is None
+    assert parse_max_memory(None, gpu_count=0) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "gpus", "message"),
+    [
+        ("0=20GiB", 0, "names GPU 0 but no GPU is visible"),
+        ("0=1GiB,2=1GiB", 2, "names GPU 2 but only GPUs 0-1"),
+        ("0:20GiB", 1, "is not DEVICE=SIZE"),
+        ("0=lots", 1, "is not a size like 20GiB"),
+        ("gpu=1GiB", 1, "unknown device 'gpu'"),
+        ("0=1GiB,0=2GiB", 1, "names 0 twice"),
+        ("cpu=64GiB", 1, "names no GPU"),
+    ],
+)
+def test_max_memory_errors(text: str, gpus: int, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        parse_max_memory(text, gpu_count=gpus)
+
+
+def test_balanced_without_gpu_is_refused_not_silently_ignored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    settings = WorkerSettings(_env_file=None, placement="balanced", max_memory="0=1GiB")
+    with pytest.raises(ConfigurationError, match="FLEET_PLACEMENT=balanced .* none is visible"):
+        Placement.from_settings(settings)
+
+
+def test_offload_without_gpu_and_max_memory_without_balanced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigurationError, match="FLEET_OFFLOAD=model"):
+        Placement.from_settings(WorkerSettings(_env_file=None, offload="model"))
+    with pytest.raises(ConfigurationError, match="applies to FLEET_PLACEMENT=balanced only"):
+        Placement.from_settings(WorkerSettings(_env_file=None, max_memory="0=1GiB"))
+
+
+def test_generator_device_follows_placement() -> None:
+    assert Placement("cuda:0", torch.float16).generator_device == "cuda:0"
+    assert Placement("cpu", torch.float32).generator_device == "cpu"
+    assert Placement("cuda:0", torch.float16, mode="balanced").generator_device == "cpu"
+    assert Placement("cuda:0", torch.float16, offload="model").generator_device == "cpu"
+
+
+def test_pinned_cpu_placement_describes_itself() -> None:
+    p = Placement.from_settings(WorkerSettings(_env_file=None, device="cpu"))
+    info = p.describe()
+    assert info["device"] == "cpu" and info["placement"] == "pinned"
+    assert info["hf_device_map"] is None and info["generator_device"] == "cpu"
