@@ -153,7 +153,8 @@ class Engine:
             total = spec.steps
 
             def _callback(pipe: Any, step: int, timestep: Any, kw: dict[str, Any]) -> dict:
-                on_step(step + 1, total)
+                # Some schedulers run more timesteps than steps (PNDM's warm-up): report theirs.
+                on_step(step + 1, int(getattr(pipe, "num_timesteps", 0) or total))
                 return kw
 
             wanted["callback_on_step_end"] = _callback

@@ -53,7 +53,7 @@ class JobRunner:
         try:
             spec = validate_job(job, self.settings.limits())
         except JobValidationError as exc:
-            jlog.warning("refused: %s", exc)
+            self.record_invalid(job_id, job, exc, jlog)
             raise
         jlog.info(
             "received: %d image(s) %dx%d, %d steps",
@@ -62,7 +62,11 @@ class JobRunner:
             spec.height,
             spec.steps,
         )
-        self._check_model(spec)
+        try:
+            self._check_model(spec)
+        except JobValidationError as exc:
+            self.record_failure(spec, exc, jlog)
+            raise
 
         done = self._already_done(spec)
         if done is not None:
@@ -201,6 +205,35 @@ class JobRunner:
             jlog.error("failed: %s (recorded in %s)", exc, mkey)
         except StorageError as store_exc:
             jlog.error("failed: %s; and the failure could not be recorded: %s", exc, store_exc)
+
+    def record_invalid(self, job_id: Any, job: Any, exc: JobValidationError, jlog: JobLog) -> None:
+        """Record a refused job under its id, when the id itself is usable as a key."""
+        if not isinstance(job_id, str) or not contract.JOB_ID_PATTERN.match(job_id):
+            jlog.error("refused, and not recorded in storage (no usable job_id): %s", exc)
+            return
+        mkey = contract.manifest_key(job_id, self.settings.s3_prefix)
+        result = JobResult(
+            job_id=job_id,
+            status="failed",
+            bucket=self.store.bucket,
+            manifest_key=mkey,
+            error=str(exc),
+            error_type=type(exc).__name__,
+        )
+        manifest = {
+            "schema_version": contract.SCHEMA_VERSION,
+            "job_id": job_id,
+            "status": "failed",
+            "job": job,
+            "error": str(exc),
+            "error_type": type(exc).__name__,
+            "result": result.model_dump(mode="json"),
+        }
+        try:
+            self.store.put_json(mkey, manifest)
+            jlog.error("refused: %s (recorded in %s)", exc, mkey)
+        except StorageError as store_exc:
+            jlog.error("refused: %s; and the refusal could not be recorded: %s", exc, store_exc)
 
     def _with_urls(self, result: JobResult) -> JobResult:
         for record in result.images:

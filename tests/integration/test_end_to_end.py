@@ -128,6 +128,7 @@ def test_bad_job_fails_alone_with_a_clear_error_and_worker_goes_on(worker, clien
     st = client.wait([bad_id], timeout=TIMEOUT)[0]
     assert st.state == "failed"
     assert "width=100: must be a multiple of 8 from 64 to 2048" in st.result.error
+    assert store.get_json(contract.manifest_key(bad_id))["status"] == "failed"
     wm = wrong_model.wait(timeout=TIMEOUT)
     assert wm.state == "failed" and "this worker serves 'tiny'" in wm.result.error
     # The failure is recorded durably in storage, not only in Celery's expiring results.

@@ -24,7 +24,7 @@ def test_reliability_and_serialization_settings() -> None:
 def test_task_is_registered_by_contract_name() -> None:
     app = create_app(WorkerSettings(redis_url="redis://127.0.0.1:1/0"))
     app.loader.import_default_modules()
-    import worker.tasks  # noqa: F401  (registers on the default app)
+    import worker.tasks
 
     assert TASK_GENERATE in worker.tasks.app.tasks
 

@@ -10,7 +10,6 @@ from worker.placement import Placement, parse_max_memory, resolve_device, resolv
 from worker.settings import WorkerSettings
 
 
-
 def test_auto_device_is_cpu_without_cuda() -> None:
     expected = "cuda:0" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto") == expected
@@ -62,7 +61,7 @@ def test_balanced_without_gpu_is_refused_not_silently_ignored(
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     settings = WorkerSettings(_env_file=None, placement="balanced", max_memory="0=1GiB")
-    with pytest.raises(ConfigurationError, match="FLEET_PLACEMENT=balanced .* none is visible"):
+    with pytest.raises(ConfigurationError, match=r"FLEET_PLACEMENT=balanced .* none is visible"):
         Placement.from_settings(settings)
 
 
