@@ -33,8 +33,10 @@ import boto3
 import redis
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("producer.local_services" if __name__ == "__main__" else __name__)
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_BUCKET = "fleet"
@@ -52,7 +54,7 @@ WEED_COMPONENTS = ("s3", "master", "volume", "filer", "admin")
 WEED_GRPC_OFFSET = 10000
 # Busy HTTP ports named by a flag make weed exit; busy gRPC ports make it silently pick another
 # one (and its components may then talk to each other's ports). Either way: start over.
-_WEED_PORT_TROUBLE = re.compile(r"finding alternative|Port allocation failed|is not available")
+_WEED_PORT_TROUBLE = re.compile(r"Port allocation failed|port \d+ for \S+ is not available")
 _S3_ACTIONS = ["Admin", "Read", "Write", "List", "Tagging"]
 _UNIX_SOCKET_MAX = 100  # sun_path is 104-108 bytes depending on the OS
 
@@ -479,7 +481,11 @@ class RedisServer(_Service):
                 self._abandon()
                 raise _AttemptFailed(f"redis-server exited ({last_error})")
             client = redis.Redis(
-                host=LOOPBACK, port=port, socket_connect_timeout=0.5, socket_timeout=2
+                host=LOOPBACK,
+                port=port,
+                socket_connect_timeout=0.5,
+                socket_timeout=1,
+                retry=Retry(NoBackoff(), 0),  # redis-py retries 3 times by default
             )
             try:
                 client.ping()
@@ -709,6 +715,10 @@ class SeaweedS3(_Service):
             "-s3.port.lance=0",
             "-master.telemetry=false",
             "-volume.preStopSeconds=0",
+            # A resumed master only becomes raft leader after the volume server's first
+            # heartbeat was refused ("Not current leader"), which then retries 5 s later. The
+            # max volume id it would resume is re-learnt from that heartbeat anyway.
+            "-master.resumeState=false",
         ]
         # Keep weed's unix sockets out of /tmp (their default) when the path is short enough.
         for flag, sock_name in (("s3.localSocket", "s3.sock"), ("filer.localSocket", "filer.sock")):

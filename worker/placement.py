@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.hooks import ModelHook
+from accelerate.utils import find_device, send_to_device
 
 from producer.errors import ConfigurationError, ModelLoadError
 
@@ -67,13 +69,13 @@ def resolve_dtype(setting: str, device: str) -> torch.dtype:
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 
 
-def parse_max_memory(text: str | None, gpu_count: int) -> dict[int | str, str] | None:
+def parse_max_memory(text: str | None, gpu_count: int) -> dict[int | str, int | str] | None:
     """Parse ``0=20GiB,1=20GiB,cpu=64GiB`` into accelerate's ``max_memory`` and check it against
     the devices present (naming a GPU that is not there would otherwise fail deep inside
     accelerate with "Cannot access accelerator device when none is available")."""
     if text is None or not text.strip():
         return None
-    out: dict[int | str, str] = {}
+    out: dict[int | str, int | str] = {}
     for item in text.split(","):
         if not item.strip():
             continue
@@ -105,12 +107,20 @@ def parse_max_memory(text: str | None, gpu_count: int) -> dict[int | str, str] |
             )
         if device in out:
             raise ConfigurationError(f"FLEET_MAX_MEMORY names {key} twice")
-        out[device] = value.replace(" ", "")
+        out[device] = _memory_value(value)
     if out and not any(isinstance(k, int) for k in out):
         raise ConfigurationError(
             "FLEET_MAX_MEMORY names no GPU: a device left out of max_memory is not used at all"
         )
     return out
+
+
+def _memory_value(value: str) -> int | str:
+    """accelerate takes an int of bytes or a size with a unit ("20GiB"); not "1024B"."""
+    compact = value.replace(" ", "")
+    if compact.upper().endswith("B") and compact[:-1].isdigit():
+        return int(compact[:-1])
+    return int(compact) if compact.isdigit() else compact
 
 
 @dataclass
@@ -121,7 +131,7 @@ class Placement:
     dtype: torch.dtype
     mode: str = "pinned"
     offload: str = "none"
-    max_memory: dict[int | str, str] | None = None
+    max_memory: dict[int | str, int | str] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     hf_device_map: dict[str, Any] | None = None
 
@@ -211,6 +221,7 @@ class Placement:
             self.hf_device_map = dict(getattr(pipe, "hf_device_map", None) or {})
             log.info("balanced device map: %s", self.hf_device_map)
             if self.offload == "none":
+                align_component_devices(pipe)
                 return
             # A placed pipeline refuses offloading until its device map is undone.
             pipe.reset_device_map()
@@ -236,6 +247,52 @@ class Placement:
             "hf_device_map": self.hf_device_map,
             "generator_device": self.generator_device,
         }
+
+
+def align_component_devices(pipe: Any) -> list[str]:
+    """Let components placed on different devices hand tensors to each other.
+
+    With ``device_map="balanced"`` diffusers puts whole components on devices but moves no
+    tensors between them: a component that spilled to the CPU (or to another GPU) then receives
+    inputs on the pipeline's device and fails ("Input type (torch.cuda.HalfTensor) and weight
+    type (torch.HalfTensor) should be the same", seen on an H100 with diffusers 0.42.1). A small
+    accelerate hook on the component and its direct children (``vae.decode`` bypasses the
+    component's own forward) moves inputs to the component's device and outputs back. It is
+    not added where accelerate already dispatches a component; ``reset_device_map()`` removes it.
+    """
+    from accelerate.hooks import add_hook_to_module
+
+    main = torch.device(pipe.device)
+    aligned: list[str] = []
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module) or hasattr(component, "_hf_hook"):
+            continue  # accelerate already dispatches a component it split or offloaded
+        param = next(component.parameters(), None)
+        if param is None or param.device.type == "meta" or param.device == main:
+            continue
+        for module in (component, *component.children()):
+            add_hook_to_module(module, MoveIO(param.device), append=True)
+        aligned.append(name)
+    if aligned:
+        log.info("components off the pipeline device %s, aligned with hooks: %s", main, aligned)
+    return aligned
+
+
+class MoveIO(ModelHook):  # type: ignore[misc]
+    """Moves a module's inputs to ``device`` and its outputs back to where the inputs were."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.input_device: torch.device | None = None
+
+    def pre_forward(self, module: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        self.input_device = find_device([args, kwargs])
+        return send_to_device(args, self.device), send_to_device(kwargs, self.device)
+
+    def post_forward(self, module: Any, output: Any) -> Any:
+        if self.input_device is None or self.input_device == self.device:
+            return output
+        return send_to_device(output, self.input_device)
 
 
 def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:

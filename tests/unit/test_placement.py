@@ -35,6 +35,8 @@ def test_parse_max_memory() -> None:
         0: "20GiB", 1: "20GiB", "cpu": "64GiB",
     }  # fmt: skip
     assert parse_max_memory("cuda:0=1GB", gpu_count=1) == {0: "1GB"}
+    # accelerate wants bytes as an int: "1024" and "1024B" both become 1024.
+    assert parse_max_memory("0=1024B,cpu=2048", gpu_count=1) == {0: 1024, "cpu": 2048}
     assert parse_max_memory("", gpu_count=1) is None
     assert parse_max_memory(None, gpu_count=0) is None
 
@@ -87,3 +89,25 @@ def test_pinned_cpu_placement_describes_itself() -> None:
     info = p.describe()
     assert info["device"] == "cpu" and info["placement"] == "pinned"
     assert info["hf_device_map"] is None and info["generator_device"] == "cpu"
+
+
+def test_move_io_hooks_align_a_component_placed_elsewhere() -> None:
+    """The hooks that let balanced components on different devices talk (checked on a GPU in
+    scripts/gpu-check); here their wiring, with the CPU standing in for the other device."""
+    from types import SimpleNamespace
+
+    from accelerate.hooks import remove_hook_from_module
+
+    from worker.placement import MoveIO, align_component_devices
+
+    vae = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    text = torch.nn.Linear(4, 4, device="meta")  # as if on the pipeline's own device
+    pipe = SimpleNamespace(device="meta", components={"vae": vae, "text_encoder": text})
+    aligned = align_component_devices(pipe)
+    assert aligned == ["vae"]
+    assert isinstance(vae._hf_hook, MoveIO) and isinstance(vae[0]._hf_hook, MoveIO)
+    assert not hasattr(text, "_hf_hook")
+    out = vae(torch.ones(1, 4))
+    assert out.device.type == "cpu" and out.shape == (1, 4)
+    remove_hook_from_module(vae, recurse=True)  # what reset_device_map() does
+    assert not hasattr(vae, "_hf_hook") and not hasattr(vae[0], "_hf_hook")

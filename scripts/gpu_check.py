@@ -1,0 +1,265 @@
+"""GPU checks for a session lent a GPU: pinned fp16 through Redis and S3, balanced placement,
+reset_device_map, both offload modes, SDXL-shaped pipeline, batch 1 vs batch 4.
+
+Run through scripts/gpu-check. Prints one JSON document and writes it to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from producer.contract import validate_job  # noqa: E402
+from worker.engine import Engine  # noqa: E402
+from worker.settings import WorkerSettings  # noqa: E402
+from worker.testmodel import build_test_model  # noqa: E402
+
+RESULTS: dict[str, Any] = {}
+
+
+def step(name: str):  # type: ignore[no-untyped-def]
+    def wrap(fn):  # type: ignore[no-untyped-def]
+        def run(*a, **kw):  # type: ignore[no-untyped-def]
+            started = time.perf_counter()
+            try:
+                RESULTS[name] = {"ok": True, **(fn(*a, **kw) or {})}
+            except Exception as exc:
+                RESULTS[name] = {
+                    "ok": False,
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "trace": traceback.format_exc()[-1500:],
+                }
+            RESULTS[name]["seconds"] = round(time.perf_counter() - started, 2)
+            print(f"== {name}: {json.dumps(RESULTS[name], default=str)[:1500]}", flush=True)
+
+        return run
+
+    return wrap
+
+
+def engine(model: Path, **kw: Any) -> Engine:
+    e = Engine(
+        WorkerSettings(
+            _env_file=None, model=str(model), model_name=model.name, local_files_only=True, **kw
+        )
+    )
+    e.setup()
+    return e
+
+
+def job(side: int = 512, steps: int = 20, **kw: Any):  # type: ignore[no-untyped-def]
+    return validate_job(
+        {
+            "prompt": "a lighthouse at dusk",
+            "width": side,
+            "height": side,
+            "steps": steps,
+            "seed": 1,
+            **kw,
+        }
+    )
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(e: Engine, spec: Any, repeats: int = 3) -> float:
+    e.generate(spec)  # warm-up
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        e.generate(spec)
+        sync()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+@step("pinned_fp16_in_process")
+def pinned(medium: Path) -> dict:
+    e = engine(medium)
+    single = timed(e, job())
+    batch4 = timed(e, job(images=4))
+    info = e.describe()
+    return {
+        "device": info["device"],
+        "gpu": info.get("gpu_name"),
+        "dtype": info["dtype"],
+        "s_per_image_batch1": round(single, 4),
+        "s_per_image_batch4": round(batch4 / 4, 4),
+        "batch4_gain": round(single * 4 / batch4, 2),
+        "images_per_s_batch1": round(1 / single, 2),
+    }
+
+
+@step("sdxl_tiny_fp16")
+def sdxl(sdxl_model: Path) -> dict:
+    e = engine(sdxl_model)
+    out = e.generate(job(side=128, steps=4, images=2))
+    return {
+        "pipeline": type(e.pipe).__name__,
+        "sizes": [im.size for im in out.images],
+        "device": e.describe()["device"],
+    }
+
+
+@step("balanced_max_memory")
+def balanced(medium: Path) -> dict:
+    sizes = {}
+    e0 = engine(medium, device="cpu", dtype="float16")
+    for name, comp in e0.pipe.components.items():
+        if isinstance(comp, torch.nn.Module):
+            sizes[name] = sum(p.numel() * p.element_size() for p in comp.parameters())
+    del e0
+    # Room on GPU 0 for the largest component only, so the others land on the CPU.
+    cap = max(sizes.values()) + 64 * 1024
+    e = engine(medium, placement="balanced", max_memory=f"0={cap}B,cpu=8GiB")
+    dmap = dict(e.pipe.hf_device_map)
+    print(f"balanced hf_device_map: {dmap}", flush=True)
+    out = e.generate(job(side=256, steps=10))
+    info = e.describe()
+    e.placement.release(e.pipe)  # reset_device_map()
+    after_reset = getattr(e.pipe, "hf_device_map", None)
+    return {
+        "component_bytes": sizes,
+        "max_memory_gpu0": cap,
+        "hf_device_map": dmap,
+        "manifest_device_map": info["hf_device_map"],
+        "generated": out.images[0].size,
+        "hf_device_map_after_reset": after_reset,
+    }
+
+
+@step("balanced_then_model_offload")
+def model_offload(medium: Path) -> dict:
+    e = engine(medium, placement="balanced", offload="model")
+    t = timed(e, job(), repeats=2)
+    return {"s_per_image": round(t, 4), "device_map_before_reset": e.placement.hf_device_map}
+
+
+@step("sequential_offload")
+def seq_offload(medium: Path) -> dict:
+    e = engine(medium, offload="sequential")
+    t = timed(e, job(), repeats=2)
+    return {"s_per_image": round(t, 4)}
+
+
+@step("fleet_pinned_fp16_redis_s3")
+def fleet(medium: Path, workdir: Path) -> dict:
+    from producer.client import Client
+    from producer.contract import JobSpec
+    from producer.local_services import local_services
+    from producer.settings import ProducerSettings
+
+    with local_services(workdir=workdir / "services") as ep:
+        env = {
+            **os.environ,
+            **ep.env(),
+            "FLEET_MODEL": str(medium),
+            "FLEET_MODEL_NAME": "medium",
+            "FLEET_LOCAL_FILES_ONLY": "true",
+            "CUDA_VISIBLE_DEVICES": "0",
+            "PYTHONPATH": os.environ.get("PYTHONPATH", "") + f":{REPO}",
+        }
+        log = (workdir / "worker.log").open("w")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "--pool",
+                "prefork",
+                "--concurrency",
+                "1",
+                "--queues",
+                "fleet",
+                "--hostname",
+                "gpu0@%h",
+                "--loglevel",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            kw = {k.removeprefix("FLEET_").lower(): v for k, v in ep.env().items()}
+            with Client(ProducerSettings(_env_file=None, **kw)) as client:
+                warm = client.submit(JobSpec(prompt="warm", width=512, height=512, steps=20))
+                warm.wait(timeout=180, raise_on_failure=True)
+                n = 8
+                t = time.perf_counter()
+                handles = client.submit_many(
+                    [JobSpec(prompt=f"p{i}", width=512, height=512, steps=20) for i in range(n)]
+                )
+                statuses = client.wait([h.job_id for h in handles], timeout=240)
+                fleet_s = time.perf_counter() - t
+                st = statuses[0]
+                manifest = client.store.get_json(st.result.manifest_key)
+                return {
+                    "states": sorted({s.state for s in statuses}),
+                    "images_per_s": round(n / fleet_s, 2),
+                    "worker": manifest["worker"].get("device"),
+                    "gpu_name": manifest["worker"].get("gpu_name"),
+                    "dtype": manifest["worker"].get("dtype"),
+                    "gpu_memory_bytes": manifest["worker"].get("gpu_memory_bytes"),
+                    "timings": manifest["timings"],
+                }
+        finally:
+            proc.terminate()
+            proc.wait(30)
+            log.close()
+            RESULTS.setdefault("worker_log_tail", (workdir / "worker.log").read_text()[-2000:])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=REPO / "out" / "gpu-check")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    import diffusers
+
+    RESULTS["env"] = {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    print(json.dumps(RESULTS["env"]), flush=True)
+    models = Path("/tmp/fleet-models")
+    medium = build_test_model("medium", models / "medium")
+    sdxl_model = build_test_model("sdxl-tiny", models / "sdxl-tiny")
+    pinned(medium)
+    sdxl(sdxl_model)
+    balanced(medium)
+    model_offload(medium)
+    seq_offload(medium)
+    fleet(medium, args.out)
+    (args.out / "gpu-check.json").write_text(json.dumps(RESULTS, indent=2, default=str))
+    failed = [k for k, v in RESULTS.items() if isinstance(v, dict) and v.get("ok") is False]
+    print("FAILED: " + ", ".join(failed) if failed else "ALL GPU CHECKS PASSED", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
