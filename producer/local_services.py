@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import boto3
 import redis
@@ -280,6 +280,9 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+_S = TypeVar("_S", bound="_Service")
+
+
 class _Service:
     """A server subprocess in its own process group, logging to a file, stopped on exit."""
 
@@ -334,7 +337,7 @@ class _Service:
             self.stop()
             self.start()
 
-    def start(self) -> Any:  # overridden
+    def start(self: _S) -> _S:  # overridden
         raise NotImplementedError
 
     # -- internals
@@ -378,7 +381,7 @@ class _Service:
     def _tail(self) -> str:
         return _log_tail(self.log_path, self._log_offset)
 
-    def __enter__(self) -> Any:
+    def __enter__(self: _S) -> _S:
         return self.start()
 
     def __exit__(
@@ -492,8 +495,8 @@ class RedisServer(_Service):
                 server_pid = int(client.info("server")["process_id"])
             except redis.BusyLoadingError:
                 last_error = "loading the AOF"
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                last_error = str(exc)
+            except redis.RedisError as exc:  # not up yet, or somebody else's server
+                last_error = str(exc) or type(exc).__name__
             else:
                 if server_pid == proc.pid:
                     return
@@ -598,6 +601,7 @@ class SeaweedS3(_Service):
         return self._client_for(self.port, **config_overrides)
 
     def _client_for(self, port: int, **config_overrides: Any) -> Any:
+        config_overrides.setdefault("proxies", {})  # never send loopback traffic to a proxy
         return boto3.session.Session().client(
             "s3",
             endpoint_url=f"http://{LOOPBACK}:{port}",
@@ -608,7 +612,7 @@ class SeaweedS3(_Service):
         )
 
     def ensure_bucket(self, bucket: str) -> None:
-        client = self.client(retries={"mode": "standard", "max_attempts": 5}, proxies={})
+        client = self.client(retries={"mode": "standard", "max_attempts": 5})
         try:
             client.create_bucket(Bucket=bucket)
             log.info("created bucket %s", bucket)
@@ -738,7 +742,6 @@ class SeaweedS3(_Service):
             connect_timeout=1,
             read_timeout=5,
             retries={"max_attempts": 1},
-            proxies={},
         )
         deadline = time.monotonic() + self.startup_timeout
         last_error = "no answer"
@@ -947,6 +950,22 @@ def _spawn_command(command: list[str], env: dict[str, str]) -> subprocess.Popen[
     return proc
 
 
+def _ignore_signal(signum: int, frame: FrameType | None) -> None:
+    log.info("signal %d ignored while the local services stop", signum)
+
+
+def _start_or_report(services: LocalServices) -> LocalEndpoints | None:
+    """Start the services (Ctrl-C or SIGTERM meanwhile aborts); None, logged, if that failed."""
+    with _signal_handlers(_raise_keyboard_interrupt):
+        try:
+            return services.start()
+        except KeyboardInterrupt:
+            log.error("interrupted while the local services were starting")
+        except Exception as exc:
+            log.error("the local services did not start: %s", exc)
+    return None
+
+
 def _cmd_run(workdir: Path | None, bucket: str, command: list[str]) -> int:
     child: subprocess.Popen[bytes] | None = None
 
@@ -954,57 +973,51 @@ def _cmd_run(workdir: Path | None, bucket: str, command: list[str]) -> int:
         if child is not None and child.returncode is None:
             _signal_group(child.pid, signum)
 
-    # SIGTERM while the services start aborts like Ctrl-C does; the context manager cleans up.
-    with _signal_handlers(_raise_keyboard_interrupt):
-        try:
-            services = LocalServices(workdir, bucket)
-            endpoints = services.start()
-        except ServiceStartError as exc:
-            log.error("%s", exc)
-            return 1
-        except KeyboardInterrupt:
-            return 130
+    services = LocalServices(workdir, bucket)
     try:
+        endpoints = _start_or_report(services)
+        if endpoints is None:
+            return 1
         with _signal_handlers(forward):
-            env = {**os.environ, **endpoints.env()}
             try:
-                child = _spawn_command(command, env)
+                child = _spawn_command(command, {**os.environ, **endpoints.env()})
             except OSError as exc:
                 log.error("cannot run %s: %s", shlex.join(command), exc)
                 return 127
             with _terminal_given_to(child.pid):
                 returncode = child.wait()
-            return 128 - returncode if returncode < 0 else returncode
+        return 128 - returncode if returncode < 0 else returncode
+    except KeyboardInterrupt:  # a signal in the instant between start and forwarding
+        return 130
     finally:
-        with _signal_handlers(forward):  # don't let a late Ctrl-C cut the cleanup short
+        with _signal_handlers(forward if child is not None else _ignore_signal):
             services.stop()
 
 
 def _cmd_env(workdir: Path | None, bucket: str) -> int:
     stop = threading.Event()
-
-    with _signal_handlers(_raise_keyboard_interrupt):
-        try:
-            services = LocalServices(workdir, bucket)
-            endpoints = services.start()
-        except ServiceStartError as exc:
-            log.error("%s", exc)
-            return 1
-        except KeyboardInterrupt:
-            return 130
+    services = LocalServices(workdir, bucket)
     try:
+        endpoints = _start_or_report(services)
+        if endpoints is None:
+            return 1
         with _signal_handlers(lambda signum, frame: stop.set()):
             for key, value in endpoints.env().items():
                 print(f"export {key}={shlex.quote(value)}")
             sys.stdout.flush()
             print("# local services are up; Ctrl-C (or SIGTERM) stops them", file=sys.stderr)
             while not stop.wait(0.5):
-                if not services.alive():
-                    log.error("a local service died; see the logs in %s", services.workdir)
-                    return 1
-            return 0
+                for server in (services.redis, services.s3):
+                    if not server.is_running:
+                        log.error(
+                            "%s died; last lines of its log:\n%s", server.name, server._tail()
+                        )
+                        return 1
+        return 0
+    except KeyboardInterrupt:
+        return 130
     finally:
-        with _signal_handlers(lambda signum, frame: None):
+        with _signal_handlers(_ignore_signal):
             services.stop()
 
 

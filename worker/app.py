@@ -7,9 +7,10 @@ import threading
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from producer.contract import DEFAULT_QUEUE
+from worker.heartbeat import Heartbeat
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -71,3 +72,28 @@ def _warm_up_in_child(**_: Any) -> None:
             log.exception("warm-up failed")
 
     threading.Thread(target=load, name="fleet-warmup", daemon=True).start()
+
+
+_heartbeat: Heartbeat | None = None
+
+
+@worker_ready.connect
+def _start_heartbeat(sender: Any = None, **_: Any) -> None:
+    """In the worker's main process: refresh the health key while the worker runs."""
+    global _heartbeat
+    settings = WorkerSettings()
+    queues = sorted(q.name for q in sender.task_consumer.queues) if sender is not None else []
+    _heartbeat = Heartbeat(
+        settings.redis_url,
+        sender.hostname if sender is not None else "unknown",
+        queues,
+        settings.heartbeat_interval_s,
+        settings.heartbeat_ttl_s,
+    )
+    _heartbeat.start()
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()

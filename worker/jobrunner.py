@@ -45,6 +45,7 @@ class JobRunner:
         job: Any,
         task_id: str | None = None,
         on_progress: ProgressCallback | None = None,
+        node: str | None = None,
     ) -> dict[str, Any]:
         """Run one job and return its JobResult as JSON-ready dict. Raises FleetError on failure."""
         job_id = job.get("job_id") if isinstance(job, dict) else None
@@ -75,6 +76,8 @@ class JobRunner:
 
         try:
             pngs, worker_info, timings = self._generate(spec, jlog, on_progress)
+            if node:
+                worker_info["node"] = node  # the Celery node name, e.g. gpu0@host
             result = self._store(spec, pngs, worker_info, timings, started, jlog)
         except StorageError:
             raise  # retried by the task with backoff; the spool keeps the images meanwhile

@@ -49,6 +49,8 @@ class WorkerSettings(FleetSettings):
         10, description="Task-level retries (exponential backoff) while S3 is unreachable."
     )
     storage_retry_backoff_max_s: int = Field(60, description="Cap of one backoff delay.")
+    heartbeat_interval_s: float = Field(10.0, description="How often the heartbeat is refreshed.")
+    heartbeat_ttl_s: int = Field(30, description="A worker whose heartbeat is older is unhealthy.")
     progress_interval_s: float = Field(0.5, description="Least time between progress updates.")
 
     @property

@@ -10,6 +10,7 @@ from celery import Task
 from producer.contract import TASK_GENERATE
 from producer.errors import JobValidationError, StorageError
 from worker.app import app
+from worker.heartbeat import publish_info
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
@@ -79,4 +80,20 @@ def generate(self: Task, job: Any = None, **unexpected: Any) -> dict[str, Any]:
     def progress(meta: dict[str, Any]) -> None:
         self.update_state(state="PROGRESS", meta=meta)
 
-    return get_runner().run(job, task_id=self.request.id, on_progress=progress)
+    runner = get_runner()
+    try:
+        return runner.run(
+            job, task_id=self.request.id, on_progress=progress, node=self.request.hostname
+        )
+    finally:
+        _publish_worker_info(str(self.request.hostname or ""), runner)
+
+
+def _publish_worker_info(node: str, runner: JobRunner) -> None:
+    """Device facts of this worker for `python -m worker status` (best effort)."""
+    if not node or runner.engine.pipe is None:
+        return
+    try:
+        publish_info(get_settings().redis_url, node, runner.engine.describe())
+    except Exception as exc:
+        log.warning("could not publish worker info: %s", exc)

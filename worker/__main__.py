@@ -1,0 +1,72 @@
+"""`python -m worker check|status|launch`: health check, worker status, per-GPU launcher."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+
+from worker.heartbeat import alive_nodes, read_info
+from worker.settings import WorkerSettings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check", help="exit 0 if a worker on this host has a fresh heartbeat")
+    c.add_argument("--node", help="check this node name (default: any worker on this host)")
+    c.add_argument("--any-host", action="store_true", help="any worker on any host")
+    s = sub.add_parser("status", help="workers with a fresh heartbeat and their devices")
+    s.add_argument("--json", action="store_true")
+    launch = sub.add_parser("launch", help="one supervised worker per GPU (or --cpu N)")
+    from worker.launch import add_arguments
+
+    add_arguments(launch)
+    args = parser.parse_args(argv)
+    settings = WorkerSettings()
+
+    if args.command == "check":
+        host = None if args.any_host or args.node else socket.gethostname()
+        nodes = alive_nodes(settings.redis_url, host)
+        if args.node:
+            nodes = [n for n in nodes if n["node"] == args.node]
+        if not nodes:
+            print("unhealthy: no fresh worker heartbeat", file=sys.stderr)
+            return 1
+        print("healthy: " + ", ".join(n["node"] for n in nodes))
+        return 0
+    if args.command == "status":
+        rows = []
+        for beat in alive_nodes(settings.redis_url):
+            info = read_info(settings.redis_url, beat["node"]) or {}
+            rows.append(
+                {
+                    **beat,
+                    "device": info.get("device"),
+                    "gpu_name": info.get("gpu_name"),
+                    "gpu_memory_bytes": info.get("gpu_memory_bytes"),
+                    "dtype": info.get("dtype"),
+                    "placement": info.get("placement"),
+                    "hf_device_map": info.get("hf_device_map"),
+                    "model": info.get("model_name"),
+                }
+            )
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                gpu = f" {r['gpu_name']}" if r.get("gpu_name") else ""
+                print(
+                    f"{r['node']}  queues={','.join(r['queues'])}  device={r['device']}{gpu}"
+                    f"  model={r['model']}"
+                    + (f"  device_map={r['hf_device_map']}" if r.get("hf_device_map") else "")
+                )
+        return 0
+    from worker.launch import run_launcher
+
+    return run_launcher(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

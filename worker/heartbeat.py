@@ -1,0 +1,99 @@
+"""A heartbeat key with a TTL in Redis (as arq does), refreshed by the worker's main process.
+
+`python -m worker check` reads it: a container health check that needs no broadcast to workers
+(with the solo pool, `celery inspect ping` blocks while a job runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import redis
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_KEY = "fleet:heartbeat:{node}"
+INFO_KEY = "fleet:worker-info:{node}"
+
+
+class Heartbeat:
+    """Refreshes ``fleet:heartbeat:<node>`` every ``interval_s``; it expires after ``ttl_s``."""
+
+    def __init__(
+        self, redis_url: str, node: str, queues: list[str], interval_s: float, ttl_s: int
+    ) -> None:
+        self.client = redis.Redis.from_url(redis_url, socket_timeout=5)
+        self.node = node
+        self.queues = queues
+        self.interval_s = interval_s
+        self.ttl_s = ttl_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fleet-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(redis.RedisError):
+            self.client.delete(HEARTBEAT_KEY.format(node=self.node))
+
+    def beat(self) -> None:
+        value = {
+            "node": self.node,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "queues": self.queues,
+            "at": time.time(),
+        }
+        self.client.set(HEARTBEAT_KEY.format(node=self.node), json.dumps(value), ex=self.ttl_s)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.beat()
+            except redis.RedisError as exc:  # Redis restarting: keep trying, the TTL tells
+                log.warning("heartbeat to Redis failed: %s", exc)
+            self._stop.wait(self.interval_s)
+
+
+def alive_nodes(redis_url: str, host: str | None = None) -> list[dict[str, Any]]:
+    """Heartbeats present in Redis, optionally only those of workers on ``host``."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        out = []
+        for key in client.scan_iter(HEARTBEAT_KEY.format(node="*")):
+            raw = client.get(key)
+            if raw is None:
+                continue
+            beat = json.loads(raw)
+            if host is None or beat.get("host") == host:
+                out.append(beat)
+        return sorted(out, key=lambda b: b["node"])
+    finally:
+        client.close()
+
+
+def publish_info(redis_url: str, node: str, info: dict[str, Any], ttl_s: int = 86400) -> None:
+    """The pool child's device facts (device, GPU, memory, device map) for `status`."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        client.set(INFO_KEY.format(node=node), json.dumps(info, default=str), ex=ttl_s)
+    finally:
+        client.close()
+
+
+def read_info(redis_url: str, node: str) -> dict[str, Any] | None:
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        raw = client.get(INFO_KEY.format(node=node))
+        return None if raw is None else dict(json.loads(raw))
+    finally:
+        client.close()
