@@ -40,12 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="model name (default: the worker's model)")
     s.add_argument("--scheduler", default="default", help=f"one of: {', '.join(SCHEDULERS)}")
     s.add_argument("--job-id", help="your own job id (one prompt only); resubmitting it is a no-op")
+    s.add_argument(
+        "--deadline",
+        type=float,
+        metavar="SECONDS",
+        help="a job not started within this many seconds is not run",
+    )
     s.add_argument("--wait", action="store_true", help="wait for the jobs and print their images")
     _add_wait_options(s)
 
     st = sub.add_parser("status", help="show the state of jobs")
     st.add_argument("job_ids", nargs="+", metavar="JOB_ID")
     st.add_argument("--json", action="store_true", help="print JSON")
+
+    f = sub.add_parser("failed", help="list failed jobs with their reasons")
+    f.add_argument("--limit", type=int, help="show at most this many (newest first)")
+    f.add_argument("--json", action="store_true", help="print JSON")
+
+    r = sub.add_parser("retry", help="submit failed jobs again with their recorded recipe")
+    r.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    r.add_argument("--json", action="store_true", help="print JSON")
 
     w = sub.add_parser("wait", help="wait for jobs to finish and print their images")
     w.add_argument("job_ids", nargs="+", metavar="JOB_ID")
@@ -108,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_submit(client, args, out, err)
             if args.command == "status":
                 return cmd_status(client, args, out)
+            if args.command == "failed":
+                return cmd_failed(client, args, out)
+            if args.command == "retry":
+                return cmd_retry(client, args, out)
             return cmd_wait(client, args.job_ids, args, out, err)
     except JobValidationError as exc:
         err.print(f"[red]error:[/red] {exc}")
@@ -121,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_submit(client: Client, args: argparse.Namespace, out: Console, err: Console) -> int:
-    handles = client.submit_many(jobs_from_args(args))
+    handles = client.submit_many(jobs_from_args(args), deadline_s=args.deadline)
     if not args.wait:
         if args.json:
             out.print_json(
@@ -136,6 +154,29 @@ def cmd_submit(client: Client, args: argparse.Namespace, out: Console, err: Cons
                 out.print(f"{h.job_id}{note}")
         return EXIT_OK
     return cmd_wait(client, [h.job_id for h in handles], args, out, err)
+
+
+def cmd_failed(client: Client, args: argparse.Namespace, out: Console) -> int:
+    entries = client.failed(limit=args.limit)
+    if args.json:
+        out.print_json(data=entries)
+    else:
+        for e in entries:
+            out.print(f"[red]failed[/red] {e['job_id']}  {e.get('failed_at') or ''}")
+            out.print(f"  reason: {e.get('error')}")
+        if not entries:
+            out.print("no failed jobs")
+    return EXIT_OK
+
+
+def cmd_retry(client: Client, args: argparse.Namespace, out: Console) -> int:
+    handles = [client.retry(job_id) for job_id in args.job_ids]
+    if args.json:
+        out.print_json(data=[{"job_id": h.job_id, "queue": h.queue} for h in handles])
+    else:
+        for h in handles:
+            out.print(f"{h.job_id}  resubmitted to {h.queue}")
+    return EXIT_OK
 
 
 def cmd_status(client: Client, args: argparse.Namespace, out: Console) -> int:

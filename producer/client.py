@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 #: Redis key that reserves a job id, so the same id submitted twice makes one job.
 CLAIM_KEY = "fleet:job:{job_id}"
 
+#: Redis keys (pattern) where workers count deliveries of a job (see worker/tasks.py).
+DELIVERIES_PATTERN = "fleet:deliveries:{job_id}:*"
+
 _RUNNING_STATES = {"STARTED", "PROGRESS", "RETRY"}
 
 
@@ -38,7 +41,7 @@ def make_celery_client(settings: ProducerSettings) -> Celery:
         result_extended=True,
         task_default_queue=settings.queue,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": 3600},
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
     )
     return app
 
@@ -106,16 +109,21 @@ class Client:
     def queue_for(self, spec: JobSpec) -> str:
         return contract.queue_for(spec.model, self.settings.model_routes, self.settings.queue)
 
-    def submit(self, job: JobSpec | dict[str, Any]) -> JobHandle:
-        """Validate and enqueue one job. The same job id submitted twice enqueues once."""
-        return self.submit_many([job])[0]
+    def submit(self, job: JobSpec | dict[str, Any], deadline_s: float | None = None) -> JobHandle:
+        """Validate and enqueue one job. The same job id submitted twice enqueues once.
 
-    def submit_many(self, jobs: Iterable[JobSpec | dict[str, Any]]) -> list[JobHandle]:
+        ``deadline_s``: a job not started within this many seconds is not started at all.
+        """
+        return self.submit_many([job], deadline_s=deadline_s)[0]
+
+    def submit_many(
+        self, jobs: Iterable[JobSpec | dict[str, Any]], deadline_s: float | None = None
+    ) -> list[JobHandle]:
         """Validate every job first (nothing is enqueued if one is bad), then enqueue each."""
         specs = [self.validate(job) for job in jobs]
-        return [self._enqueue(spec) for spec in specs]
+        return [self._enqueue(spec, deadline_s) for spec in specs]
 
-    def _enqueue(self, spec: JobSpec) -> JobHandle:
+    def _enqueue(self, spec: JobSpec, deadline_s: float | None = None) -> JobHandle:
         queue = self.queue_for(spec)
         claim = CLAIM_KEY.format(job_id=spec.job_id)
         claimed = self.redis.set(claim, queue, nx=True, ex=self.settings.job_claim_ttl_s)
@@ -125,11 +133,17 @@ class Client:
             prior_queue = prior.decode() if isinstance(prior, bytes) else queue
             return JobHandle(spec.job_id, prior_queue, self, duplicate=True)
         try:
+            soft, hard = contract.time_limits(
+                spec, self.settings.job_time_base_s, self.settings.job_time_per_mpx_step_s
+            )
             self.celery.send_task(
                 contract.TASK_GENERATE,
                 kwargs={"job": spec.model_dump(mode="json")},
                 queue=queue,
                 task_id=spec.job_id,
+                soft_time_limit=soft,
+                time_limit=hard,
+                expires=deadline_s,
             )
         except Exception:
             self.redis.delete(claim)  # not enqueued: the id is free for a retry
@@ -166,6 +180,20 @@ class Client:
                     status="failed",
                     error=reason,
                     error_type=type(res.result).__name__ if res.result is not None else None,
+                ),
+            )
+        if state == "REVOKED":
+            from_store = self._from_manifest(job_id)
+            if from_store is not None:
+                return from_store
+            return JobStatus(
+                job_id=job_id,
+                state="failed",
+                result=JobResult(
+                    job_id=job_id,
+                    status="failed",
+                    error=f"revoked: {res.result}",
+                    error_type="JobRevoked",
                 ),
             )
         if state in _RUNNING_STATES:
@@ -225,6 +253,35 @@ class Client:
                 )
             time.sleep(self.settings.poll_interval_s)
         return [latest[j] for j in job_ids]
+
+    # -- failures ---------------------------------------------------------------------------
+
+    def failed(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Failed jobs, from the durable failure index in S3 (newest first)."""
+        entries = []
+        for key in self.store.list_keys(contract.failures_prefix(self.settings.s3_prefix)):
+            entry = self.store.get_json(key)
+            if entry is not None:
+                entries.append(entry)
+        entries.sort(key=lambda e: str(e.get("failed_at") or ""), reverse=True)
+        return entries[:limit] if limit else entries
+
+    def retry(self, job_id: str) -> JobHandle:
+        """Submit a failed job again under the same id, with the recipe its manifest recorded."""
+        prefix = self.settings.s3_prefix
+        manifest = self.store.get_json(contract.manifest_key(job_id, prefix))
+        if manifest is None or not isinstance(manifest.get("job"), dict):
+            raise FleetError(f"job {job_id} has no stored manifest with its recipe to retry")
+        if manifest.get("status") != "failed":
+            raise FleetError(f"job {job_id} did not fail (status {manifest.get('status')!r})")
+        spec = self.validate(manifest["job"])  # still fails if it is invalid: say why
+        # Forget the failure everywhere it could still answer "failed" or block a new run.
+        AsyncResult(job_id, app=self.celery).forget()
+        self.store.delete(contract.manifest_key(job_id, prefix))
+        self.store.delete(contract.failure_key(job_id, prefix))
+        keys = list(self.redis.scan_iter(DELIVERIES_PATTERN.format(job_id=job_id)))
+        self.redis.delete(CLAIM_KEY.format(job_id=job_id), *keys)
+        return self._enqueue(spec)
 
     def download(self, result: JobResult, output: Path) -> list[Path]:
         """Copy a job's images into ``output`` as ``<job_id>-<index>.png``."""

@@ -63,7 +63,8 @@ def seed_for(seed: int, index: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# S3 key layout: jobs/<job_id>/image-<index>.png and jobs/<job_id>/manifest.json, under a prefix.
+# S3 key layout: jobs/<job_id>/image-<index>.png and jobs/<job_id>/manifest.json, plus
+# failures/<job_id>.json for failed jobs, under an optional prefix.
 
 
 def job_prefix(job_id: str, prefix: str = "") -> str:
@@ -76,6 +77,15 @@ def image_key(job_id: str, index: int, prefix: str = "") -> str:
 
 def manifest_key(job_id: str, prefix: str = "") -> str:
     return f"{job_prefix(job_id, prefix)}manifest.json"
+
+
+def failure_key(job_id: str, prefix: str = "") -> str:
+    """A small index entry per failed job, so failures can be listed without a full scan."""
+    return f"{_norm_prefix(prefix)}failures/{job_id}.json"
+
+
+def failures_prefix(prefix: str = "") -> str:
+    return f"{_norm_prefix(prefix)}failures/"
 
 
 def _norm_prefix(prefix: str) -> str:
@@ -271,6 +281,17 @@ def validate_job(data: Any, limits: Limits | None = None) -> JobSpec:
             value = err.get("input")
             problems.append((field, value if err["type"] != "missing" else None, msg))
         raise JobValidationError(problems) from None
+
+
+def time_limits(spec: JobSpec, base_s: float, per_mpx_step_s: float) -> tuple[float, float]:
+    """(soft, hard) time limits for a job, scaled by its size, steps and image count.
+
+    The soft limit stops a stuck generation with a recorded failure; the hard limit, a bit later,
+    replaces a hung pool child.
+    """
+    work = spec.width * spec.height / 1e6 * spec.steps * spec.images
+    soft = base_s + per_mpx_step_s * work
+    return soft, soft * 1.5 + 30
 
 
 def queue_for(model: str | None, routes: dict[str, str], default: str = DEFAULT_QUEUE) -> str:

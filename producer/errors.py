@@ -53,6 +53,14 @@ class GenerationError(FleetError):
     """The pipeline failed while generating a job's images."""
 
 
+class TooManyDeliveries(FleetError):
+    """The job was delivered more times than allowed: its worker died each time it ran it."""
+
+
+class JobTimedOut(FleetError):
+    """The job ran past its soft time limit and was stopped."""
+
+
 class JobFailed(FleetError):
     """Raised by ``JobHandle.wait(raise_on_failure=True)`` when a job ended as a failure."""
 

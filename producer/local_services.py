@@ -275,6 +275,31 @@ def _wait_exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
     return True
 
 
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back for a moment (main thread only) and re-deliver them after.
+
+    Python handlers, not the signal mask: a blocked mask would be inherited by the servers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        held.append(signum)
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = [signal.signal(sig, hold) for sig in signals]
+    try:
+        yield
+    finally:
+        for sig, old in zip(signals, previous, strict=True):
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        for signum in held:
+            signal.raise_signal(signum)
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
@@ -357,17 +382,18 @@ class _Service:
             logfh.write(f"\n=== {time.strftime('%F %T')} {shlex.join(cmd)}\n".encode())
             logfh.flush()
             self._log_offset = logfh.tell()
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=logfh,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,
-            )
-        self._proc = proc
-        with _LIVE_LOCK:
-            _LIVE.add(self)
+            with _signals_held():  # a Ctrl-C inside Popen() would orphan the server
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logfh,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.workdir,
+                    start_new_session=True,
+                )
+                self._proc = proc
+                with _LIVE_LOCK:
+                    _LIVE.add(self)
         return proc
 
     def _abandon(self) -> None:
@@ -572,6 +598,7 @@ class SeaweedS3(_Service):
         super().__init__(workdir, "weed.log", startup_timeout)
         self.data_dir = self.workdir / "weed"
         self.config_path = self.workdir / "s3.json"
+        self.glog_dir = self.workdir / "weed-glog"
         self.access_key_id = access_key_id or "FLEET" + secrets.token_hex(8).upper()
         self.secret_access_key = secret_access_key or secrets.token_urlsafe(30)
         self.region = region
@@ -705,8 +732,10 @@ class SeaweedS3(_Service):
             json.dump({"identities": [identity]}, fh, indent=2)
 
     def _command(self, executable: str, ports: dict[str, int]) -> list[str]:
+        self.glog_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
             executable,
+            f"-logdir={self.glog_dir}",  # glog files, else they pile up in $TMPDIR
             "mini",
             f"-dir={self.data_dir}",
             f"-ip={LOOPBACK}",

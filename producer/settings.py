@@ -56,6 +56,16 @@ class FleetSettings(BaseSettings):
         30 * 24 * 3600, description="How long a client-supplied job id stays reserved."
     )
 
+    job_time_base_s: float = Field(
+        300.0, description="Soft time limit of a job: this many seconds plus the next setting."
+    )
+    job_time_per_mpx_step_s: float = Field(
+        2.0, description="Soft time limit: seconds per megapixel per step per image."
+    )
+    visibility_timeout_s: int = Field(
+        3600, description="Redis transport visibility timeout; keep equal on all parts."
+    )
+
     # --- S3-compatible storage
     s3_endpoint_url: str | None = Field(None, description="Empty means AWS S3.")
     s3_region: str = "us-east-1"

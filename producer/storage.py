@@ -110,6 +110,12 @@ class ObjectStore:
         except BotoCoreError as exc:
             raise StorageError(f"cannot check s3://{self.bucket}/{key}: {exc}") from exc
 
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"delete of s3://{self.bucket}/{key} failed: {exc}") from exc
+
     def list_keys(self, prefix: str) -> list[str]:
         keys: list[str] = []
         try:

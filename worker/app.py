@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import task_revoked, worker_process_init, worker_ready, worker_shutdown
 
 from producer.contract import DEFAULT_QUEUE
 from worker.heartbeat import Heartbeat
@@ -39,7 +39,11 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": 3600},
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": settings.unacked_restore_interval_s,
+            "unacked_restore_throttle": settings.unacked_restore_throttle,
+        },
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
     }
 
@@ -97,3 +101,31 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
 def _stop_heartbeat(**_: Any) -> None:
     if _heartbeat is not None:
         _heartbeat.stop()
+
+
+@task_revoked.connect
+def _record_expired(request: Any = None, expired: bool = False, **_: Any) -> None:
+    """A job past its deadline is not started; record that, since results expire."""
+    if not expired or request is None:
+        return
+    from producer.storage import ObjectStore
+    from worker.failures import raw_failure_manifest, write_failure
+
+    settings = WorkerSettings()
+    job = (request.kwargs or {}).get("job")
+    job_id = job.get("job_id") if isinstance(job, dict) else request.id
+    if not isinstance(job_id, str):
+        return
+    try:
+        store = ObjectStore(settings)
+        manifest = raw_failure_manifest(
+            job_id,
+            job,
+            "expired: not started before its deadline",
+            "JobExpired",
+            store.bucket,
+            settings.s3_prefix,
+        )
+        write_failure(store, settings.s3_prefix, manifest)
+    except Exception:
+        log.exception("could not record the expiry of job %s", job_id)

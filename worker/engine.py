@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from celery.exceptions import SoftTimeLimitExceeded
 
 from producer.contract import JobSpec
 from producer.errors import GenerationError, JobValidationError
@@ -117,6 +118,8 @@ class Engine:
         try:
             with torch.inference_mode():
                 out = self.pipe(**kwargs)
+        except SoftTimeLimitExceeded:
+            raise  # the runner records it as a timeout
         except ValueError as exc:
             # diffusers raises ValueError for inputs this model cannot take (e.g. a size).
             raise JobValidationError(

@@ -10,11 +10,14 @@ from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from producer import contract
 from producer.contract import JobResult, JobSpec, validate_job
-from producer.errors import FleetError, JobValidationError, StorageError
+from producer.errors import FleetError, JobTimedOut, JobValidationError, StorageError
 from producer.storage import ObjectStore
 from worker.engine import Engine, StepCallback
+from worker.failures import clear_failure, raw_failure_manifest, write_failure
 from worker.recipe import build_manifest, image_recipe, png_bytes
 from worker.settings import WorkerSettings
 
@@ -84,6 +87,13 @@ class JobRunner:
         except FleetError as exc:
             self.record_failure(spec, exc, jlog)
             raise
+        except SoftTimeLimitExceeded:
+            timeout = JobTimedOut(
+                f"stopped after {time.perf_counter() - started:.1f} s: past its soft time limit "
+                "(FLEET_JOB_TIME_BASE_S, FLEET_JOB_TIME_PER_MPX_STEP_S)"
+            )
+            self.record_failure(spec, timeout, jlog)
+            raise timeout from None
         shutil.rmtree(self._spool(spec), ignore_errors=True)
         return result
 
@@ -174,12 +184,12 @@ class JobRunner:
         manifest["result"] = result.model_dump(mode="json")
         # The manifest goes last: its presence with status "succeeded" marks the job complete.
         self.store.put_json(mkey, manifest)
+        clear_failure(self.store, prefix, spec.job_id)  # a retried job leaves the failure index
         jlog.info("stored %d image(s) and %s in %.2f s", len(records), mkey, timings["upload_s"])
         return self._with_urls(result).model_dump(mode="json")
 
     def record_failure(self, spec: JobSpec, exc: BaseException, jlog: JobLog) -> None:
         """Write a failure manifest so the failure outlives Celery's expiring results."""
-        mkey = contract.manifest_key(spec.job_id, self.settings.s3_prefix)
         try:
             worker_info = self.engine.describe()
         except Exception:
@@ -188,7 +198,7 @@ class JobRunner:
             job_id=spec.job_id,
             status="failed",
             bucket=self.store.bucket,
-            manifest_key=mkey,
+            manifest_key=contract.manifest_key(spec.job_id, self.settings.s3_prefix),
             error=str(exc),
             error_type=type(exc).__name__,
             worker=_worker_summary(worker_info),
@@ -203,40 +213,19 @@ class JobRunner:
             error_type=type(exc).__name__,
         )
         manifest["result"] = result.model_dump(mode="json")
-        try:
-            self.store.put_json(mkey, manifest)
-            jlog.error("failed: %s (recorded in %s)", exc, mkey)
-        except StorageError as store_exc:
-            jlog.error("failed: %s; and the failure could not be recorded: %s", exc, store_exc)
+        if write_failure(self.store, self.settings.s3_prefix, manifest):
+            jlog.error("failed: %s (recorded in %s)", exc, result.manifest_key)
 
-    def record_invalid(self, job_id: Any, job: Any, exc: JobValidationError, jlog: JobLog) -> None:
+    def record_invalid(self, job_id: Any, job: Any, exc: FleetError, jlog: JobLog) -> None:
         """Record a refused job under its id, when the id itself is usable as a key."""
         if not isinstance(job_id, str) or not contract.JOB_ID_PATTERN.match(job_id):
             jlog.error("refused, and not recorded in storage (no usable job_id): %s", exc)
             return
-        mkey = contract.manifest_key(job_id, self.settings.s3_prefix)
-        result = JobResult(
-            job_id=job_id,
-            status="failed",
-            bucket=self.store.bucket,
-            manifest_key=mkey,
-            error=str(exc),
-            error_type=type(exc).__name__,
+        manifest = raw_failure_manifest(
+            job_id, job, str(exc), type(exc).__name__, self.store.bucket, self.settings.s3_prefix
         )
-        manifest = {
-            "schema_version": contract.SCHEMA_VERSION,
-            "job_id": job_id,
-            "status": "failed",
-            "job": job,
-            "error": str(exc),
-            "error_type": type(exc).__name__,
-            "result": result.model_dump(mode="json"),
-        }
-        try:
-            self.store.put_json(mkey, manifest)
-            jlog.error("refused: %s (recorded in %s)", exc, mkey)
-        except StorageError as store_exc:
-            jlog.error("refused: %s; and the refusal could not be recorded: %s", exc, store_exc)
+        if write_failure(self.store, self.settings.s3_prefix, manifest):
+            jlog.error("refused: %s (recorded)", exc)
 
     def _with_urls(self, result: JobResult) -> JobResult:
         for record in result.images:

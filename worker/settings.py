@@ -49,6 +49,15 @@ class WorkerSettings(FleetSettings):
         10, description="Task-level retries (exponential backoff) while S3 is unreachable."
     )
     storage_retry_backoff_max_s: int = Field(60, description="Cap of one backoff delay.")
+    unacked_restore_interval_s: int = Field(
+        10, description="Redis transport: seconds between sweeps for unacknowledged jobs."
+    )
+    unacked_restore_throttle: int = Field(
+        10, description="Redis transport: sweep on every Nth interval only (1: every interval)."
+    )
+    max_deliveries: int = Field(
+        3, description="A job delivered this many times (its worker died each time) fails."
+    )
     heartbeat_interval_s: float = Field(10.0, description="How often the heartbeat is refreshed.")
     heartbeat_ttl_s: int = Field(30, description="A worker whose heartbeat is older is unhealthy.")
     progress_interval_s: float = Field(0.5, description="Least time between progress updates.")

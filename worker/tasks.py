@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+import redis
 from celery import Task
 
 from producer.contract import TASK_GENERATE
-from producer.errors import JobValidationError, StorageError
+from producer.errors import JobValidationError, StorageError, TooManyDeliveries
 from worker.app import app
 from worker.heartbeat import publish_info
 from worker.settings import WorkerSettings
@@ -77,6 +78,15 @@ def generate(self: Task, job: Any = None, **unexpected: Any) -> dict[str, Any]:
             ]
         )
 
+    deliveries = _count_delivery(self)
+    if deliveries > get_settings().max_deliveries:
+        error = TooManyDeliveries(
+            f"delivered {deliveries} times and its worker died each time "
+            f"(limit FLEET_MAX_DELIVERIES={get_settings().max_deliveries}); not run again"
+        )
+        _record_raw_failure(job, error)
+        raise error
+
     def progress(meta: dict[str, Any]) -> None:
         self.update_state(state="PROGRESS", meta=meta)
 
@@ -87,6 +97,37 @@ def generate(self: Task, job: Any = None, **unexpected: Any) -> dict[str, Any]:
         )
     finally:
         _publish_worker_info(str(self.request.hostname or ""), runner)
+
+
+DELIVERIES_KEY = "fleet:deliveries:{task_id}:{retries}"
+_redis: redis.Redis | None = None
+
+
+def _count_delivery(task: Task) -> int:
+    """Count deliveries of this attempt (a retry is a new attempt) in Redis, so a job that kills
+    its worker every time ends as a recorded failure instead of an endless loop."""
+    global _redis
+    if _redis is None:
+        _redis = redis.Redis.from_url(get_settings().redis_url, socket_timeout=5)
+    key = DELIVERIES_KEY.format(task_id=task.request.id, retries=task.request.retries or 0)
+    count = int(_redis.incr(key))
+    _redis.expire(key, 7 * 24 * 3600)
+    return count
+
+
+def _record_raw_failure(job: Any, error: Exception) -> None:
+    from producer.storage import ObjectStore
+    from worker.failures import raw_failure_manifest, write_failure
+
+    settings = get_settings()
+    job_id = job.get("job_id") if isinstance(job, dict) else None
+    if not isinstance(job_id, str):
+        return
+    store = ObjectStore(settings)
+    manifest = raw_failure_manifest(
+        job_id, job, str(error), type(error).__name__, store.bucket, settings.s3_prefix
+    )
+    write_failure(store, settings.s3_prefix, manifest)
 
 
 def _publish_worker_info(node: str, runner: JobRunner) -> None:

@@ -1,0 +1,69 @@
+"""Durable failure records: a failed manifest per job plus an index entry under failures/.
+
+Celery's results expire; these do not. Light module (no torch), used by the task runner and by
+the worker's main process (jobs that expired before they started).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+from producer import contract
+from producer.contract import JobResult
+from producer.errors import StorageError
+from producer.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+def raw_failure_manifest(
+    job_id: str, job: Any, error: str, error_type: str, bucket: str, prefix: str
+) -> dict[str, Any]:
+    """A failure manifest for a job that never became a valid JobSpec (or never ran)."""
+    result = JobResult(
+        job_id=job_id,
+        status="failed",
+        bucket=bucket,
+        manifest_key=contract.manifest_key(job_id, prefix),
+        error=error,
+        error_type=error_type,
+    )
+    return {
+        "schema_version": contract.SCHEMA_VERSION,
+        "job_id": job_id,
+        "status": "failed",
+        "job": job,
+        "error": error,
+        "error_type": error_type,
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "result": result.model_dump(mode="json"),
+    }
+
+
+def write_failure(store: ObjectStore, prefix: str, manifest: dict[str, Any]) -> bool:
+    """Store a failure manifest and its index entry. False (logged) when storage is down."""
+    job_id = manifest["job_id"]
+    if not isinstance(job_id, str) or not contract.JOB_ID_PATTERN.match(job_id):
+        log.error("failure of a job without a usable id not recorded: %s", manifest.get("error"))
+        return False
+    entry = {
+        "job_id": job_id,
+        "error": manifest.get("error"),
+        "error_type": manifest.get("error_type"),
+        "failed_at": manifest.get("finished_at"),
+        "manifest_key": contract.manifest_key(job_id, prefix),
+    }
+    try:
+        store.put_json(contract.manifest_key(job_id, prefix), manifest)
+        store.put_json(contract.failure_key(job_id, prefix), entry)
+        return True
+    except StorageError as exc:
+        log.error("could not record the failure of job %s: %s", job_id, exc)
+        return False
+
+
+def clear_failure(store: ObjectStore, prefix: str, job_id: str) -> None:
+    """A job that succeeded (e.g. after `producer retry`) leaves the failure index."""
+    store.delete(contract.failure_key(job_id, prefix))
