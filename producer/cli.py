@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("failed", help="list failed jobs with their reasons")
     f.add_argument("--limit", type=int, help="show at most this many (newest first)")
+    f.add_argument("--all", action="store_true", help="include failures already retried")
     f.add_argument("--json", action="store_true", help="print JSON")
 
     r = sub.add_parser("retry", help="submit failed jobs again with their recorded recipe")
@@ -157,13 +158,15 @@ def cmd_submit(client: Client, args: argparse.Namespace, out: Console, err: Cons
 
 
 def cmd_failed(client: Client, args: argparse.Namespace, out: Console) -> int:
-    entries = client.failed(limit=args.limit)
+    entries = client.failed(limit=args.limit, include_retried=args.all)
     if args.json:
         out.print_json(data=entries)
     else:
         for e in entries:
             out.print(f"[red]failed[/red] {e['job_id']}  {e.get('failed_at') or ''}")
             out.print(f"  reason: {e.get('error')}")
+            if e.get("retried_as"):
+                out.print(f"  retried as: {e['retried_as']}")
         if not entries:
             out.print("no failed jobs")
     return EXIT_OK
@@ -175,7 +178,7 @@ def cmd_retry(client: Client, args: argparse.Namespace, out: Console) -> int:
         out.print_json(data=[{"job_id": h.job_id, "queue": h.queue} for h in handles])
     else:
         for h in handles:
-            out.print(f"{h.job_id}  resubmitted to {h.queue}")
+            out.print(f"{h.job_id}  (retry) submitted to {h.queue}")
     return EXIT_OK
 
 

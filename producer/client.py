@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -23,9 +24,8 @@ log = logging.getLogger(__name__)
 
 #: Redis key that reserves a job id, so the same id submitted twice makes one job.
 CLAIM_KEY = "fleet:job:{job_id}"
-
-#: Redis keys (pattern) where workers count deliveries of a job (see worker/tasks.py).
-DELIVERIES_PATTERN = "fleet:deliveries:{job_id}:*"
+#: Redis list of failures the workers could not write to S3 while it was down.
+UNSTORED_FAILURES_KEY = "fleet:failures:unstored"
 
 _RUNNING_STATES = {"STARTED", "PROGRESS", "RETRY"}
 
@@ -256,32 +256,38 @@ class Client:
 
     # -- failures ---------------------------------------------------------------------------
 
-    def failed(self, limit: int | None = None) -> list[dict[str, Any]]:
+    def failed(self, limit: int | None = None, include_retried: bool = False) -> list[dict]:
         """Failed jobs, from the durable failure index in S3 (newest first)."""
-        entries = []
+        # Failures recorded while storage was down wait in Redis (see worker/tasks.py).
+        entries = [json.loads(raw) for raw in self.redis.lrange(UNSTORED_FAILURES_KEY, 0, -1)]
         for key in self.store.list_keys(contract.failures_prefix(self.settings.s3_prefix)):
             entry = self.store.get_json(key)
-            if entry is not None:
+            if entry is not None and (include_retried or not entry.get("retried_as")):
                 entries.append(entry)
         entries.sort(key=lambda e: str(e.get("failed_at") or ""), reverse=True)
         return entries[:limit] if limit else entries
 
     def retry(self, job_id: str) -> JobHandle:
-        """Submit a failed job again under the same id, with the recipe its manifest recorded."""
+        """Submit a failed job again, with the recipe its manifest recorded, as a new job
+        ``<job_id>.r<N>``. A new id, because workers remember revoked and expired task ids and
+        Celery results and delivery counters belong to the old attempt. The failure entry is
+        marked ``retried_as`` and leaves the default ``failed`` listing."""
         prefix = self.settings.s3_prefix
         manifest = self.store.get_json(contract.manifest_key(job_id, prefix))
         if manifest is None or not isinstance(manifest.get("job"), dict):
             raise FleetError(f"job {job_id} has no stored manifest with its recipe to retry")
         if manifest.get("status") != "failed":
             raise FleetError(f"job {job_id} did not fail (status {manifest.get('status')!r})")
-        spec = self.validate(manifest["job"])  # still fails if it is invalid: say why
-        # Forget the failure everywhere it could still answer "failed" or block a new run.
-        AsyncResult(job_id, app=self.celery).forget()
-        self.store.delete(contract.manifest_key(job_id, prefix))
-        self.store.delete(contract.failure_key(job_id, prefix))
-        keys = list(self.redis.scan_iter(DELIVERIES_PATTERN.format(job_id=job_id)))
-        self.redis.delete(CLAIM_KEY.format(job_id=job_id), *keys)
-        return self._enqueue(spec)
+        base, _, attempt = job_id.rpartition(".r")
+        if not (base and attempt.isdigit()):
+            base, attempt = job_id, "0"
+        new_id = f"{base}.r{int(attempt) + 1}"
+        spec = self.validate({**manifest["job"], "job_id": new_id})  # says why if now invalid
+        handle = self._enqueue(spec)
+        entry = self.store.get_json(contract.failure_key(job_id, prefix)) or {"job_id": job_id}
+        entry["retried_as"] = new_id
+        self.store.put_json(contract.failure_key(job_id, prefix), entry)
+        return handle
 
     def download(self, result: JobResult, output: Path) -> list[Path]:
         """Copy a job's images into ``output`` as ``<job_id>-<index>.png``."""

@@ -45,6 +45,10 @@ class StorageError(FleetError):
     retryable = True
 
 
+class StorageUnavailable(FleetError):
+    """Storage stayed unreachable longer than the worker's retry window; the job failed."""
+
+
 class ModelLoadError(FleetError):
     """The worker could not load its model (wrong id, missing files, no network to the hub)."""
 

@@ -114,15 +114,6 @@ def _free_port_pairs(count: int, offset: int = WEED_GRPC_OFFSET) -> list[int]:
     return found
 
 
-def _port_open(port: int, host: str = LOOPBACK, timeout: float = 0.5) -> bool:
-    """True if something accepts TCP connections on host:port."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _log_tail(path: Path, offset: int = 0, lines: int = 40) -> str:
     try:
         with path.open("rb") as fh:
@@ -930,8 +921,16 @@ def local_services(
 # --------------------------------------------------------------------------- CLI
 
 
-def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+class _Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived while the services were starting."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise _Interrupted(signum)
 
 
 @contextmanager
@@ -983,16 +982,18 @@ def _ignore_signal(signum: int, frame: FrameType | None) -> None:
     log.info("signal %d ignored while the local services stop", signum)
 
 
-def _start_or_report(services: LocalServices) -> LocalEndpoints | None:
-    """Start the services (Ctrl-C or SIGTERM meanwhile aborts); None, logged, if that failed."""
-    with _signal_handlers(_raise_keyboard_interrupt):
+def _start_or_report(services: LocalServices) -> LocalEndpoints | int:
+    """Start the services, or log why not and return an exit code (1, or 128 + the signal
+    number when Ctrl-C or SIGTERM aborted the start)."""
+    with _signal_handlers(_raise_interrupted):
         try:
             return services.start()
-        except KeyboardInterrupt:
+        except _Interrupted as exc:
             log.error("interrupted while the local services were starting")
+            return 128 + exc.signum
         except Exception as exc:
             log.error("the local services did not start: %s", exc)
-    return None
+            return 1
 
 
 def _cmd_run(workdir: Path | None, bucket: str, command: list[str]) -> int:
@@ -1005,8 +1006,8 @@ def _cmd_run(workdir: Path | None, bucket: str, command: list[str]) -> int:
     services = LocalServices(workdir, bucket)
     try:
         endpoints = _start_or_report(services)
-        if endpoints is None:
-            return 1
+        if isinstance(endpoints, int):
+            return endpoints
         with _signal_handlers(forward):
             try:
                 child = _spawn_command(command, {**os.environ, **endpoints.env()})
@@ -1016,8 +1017,8 @@ def _cmd_run(workdir: Path | None, bucket: str, command: list[str]) -> int:
             with _terminal_given_to(child.pid):
                 returncode = child.wait()
         return 128 - returncode if returncode < 0 else returncode
-    except KeyboardInterrupt:  # a signal in the instant between start and forwarding
-        return 130
+    except _Interrupted as exc:  # a signal in the instant between start and forwarding
+        return 128 + exc.signum
     finally:
         with _signal_handlers(forward if child is not None else _ignore_signal):
             services.stop()
@@ -1028,8 +1029,8 @@ def _cmd_env(workdir: Path | None, bucket: str) -> int:
     services = LocalServices(workdir, bucket)
     try:
         endpoints = _start_or_report(services)
-        if endpoints is None:
-            return 1
+        if isinstance(endpoints, int):
+            return endpoints
         with _signal_handlers(lambda signum, frame: stop.set()):
             for key, value in endpoints.env().items():
                 print(f"export {key}={shlex.quote(value)}")
@@ -1043,8 +1044,8 @@ def _cmd_env(workdir: Path | None, bucket: str) -> int:
                         )
                         return 1
         return 0
-    except KeyboardInterrupt:
-        return 130
+    except _Interrupted as exc:
+        return 128 + exc.signum
     finally:
         with _signal_handlers(_ignore_signal):
             services.stop()

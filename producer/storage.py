@@ -50,11 +50,14 @@ def make_s3_client(settings: FleetSettings) -> Any:
 class ObjectStore:
     """A bucket: put, get, exists, presign. Every failure becomes a StorageError."""
 
-    def __init__(self, settings: FleetSettings, client: Any | None = None) -> None:
+    def __init__(
+        self, settings: FleetSettings, client: Any | None = None, create_bucket: bool = True
+    ) -> None:
+        """``create_bucket=False`` skips FLEET_S3_CREATE_BUCKET's check (no I/O at all)."""
         self.bucket = settings.s3_bucket
         self.presign_expiry_s = settings.presign_expiry_s
         self.client = client or make_s3_client(settings)
-        if settings.s3_create_bucket:
+        if settings.s3_create_bucket and create_bucket:
             self.ensure_bucket()
 
     def ensure_bucket(self) -> None:

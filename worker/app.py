@@ -20,6 +20,8 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
     """The Celery settings the fleet relies on (reliability and the JSON-only contract)."""
     return {
         "broker_url": settings.redis_url,
+        # Kombu's Redis transport, but a garbage list entry cannot stop the worker.
+        "broker_transport": "worker.transport:Transport",
         "result_backend": settings.backend_url,
         "result_expires": settings.result_expires_s,
         "result_extended": True,
@@ -117,7 +119,7 @@ def _record_expired(request: Any = None, expired: bool = False, **_: Any) -> Non
     if not isinstance(job_id, str):
         return
     try:
-        store = ObjectStore(settings)
+        store = ObjectStore(settings, create_bucket=False)
         manifest = raw_failure_manifest(
             job_id,
             job,

@@ -10,11 +10,9 @@ from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from celery.exceptions import SoftTimeLimitExceeded
-
 from producer import contract
 from producer.contract import JobResult, JobSpec, validate_job
-from producer.errors import FleetError, JobTimedOut, JobValidationError, StorageError
+from producer.errors import FleetError, JobValidationError, StorageError
 from producer.storage import ObjectStore
 from worker.engine import Engine, StepCallback
 from worker.failures import clear_failure, raw_failure_manifest, write_failure
@@ -87,13 +85,7 @@ class JobRunner:
         except FleetError as exc:
             self.record_failure(spec, exc, jlog)
             raise
-        except SoftTimeLimitExceeded:
-            timeout = JobTimedOut(
-                f"stopped after {time.perf_counter() - started:.1f} s: past its soft time limit "
-                "(FLEET_JOB_TIME_BASE_S, FLEET_JOB_TIME_PER_MPX_STEP_S)"
-            )
-            self.record_failure(spec, timeout, jlog)
-            raise timeout from None
+
         shutil.rmtree(self._spool(spec), ignore_errors=True)
         return result
 
@@ -114,7 +106,14 @@ class JobRunner:
             )
 
     def _already_done(self, spec: JobSpec) -> dict[str, Any] | None:
-        manifest = self.store.get_json(contract.manifest_key(spec.job_id, self.settings.s3_prefix))
+        try:
+            manifest = self.store.get_json(
+                contract.manifest_key(spec.job_id, self.settings.s3_prefix)
+            )
+        except StorageError as exc:
+            # Cannot tell while S3 is down: generate into the spool; the upload will retry.
+            log.warning("[job=%s] cannot check for a stored result: %s", spec.job_id, exc)
+            return None
         if not manifest or manifest.get("status") != "succeeded":
             return None
         result = JobResult.model_validate(manifest["result"])

@@ -45,8 +45,10 @@ class WorkerSettings(FleetSettings):
     spool_dir: str | None = Field(
         None, description="Local folder for generated PNGs until they are stored; default: tmp."
     )
-    storage_retries: int = Field(
-        10, description="Task-level retries (exponential backoff) while S3 is unreachable."
+    storage_retry_window_s: float = Field(
+        900.0,
+        description="While S3 is unreachable a job is retried with backoff for this long, its "
+        "images kept in the spool; then it fails with the reason.",
     )
     storage_retry_backoff_max_s: int = Field(60, description="Cap of one backoff delay.")
     unacked_restore_interval_s: int = Field(

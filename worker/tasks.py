@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 
 from producer.contract import TASK_GENERATE
-from producer.errors import JobValidationError, StorageError, TooManyDeliveries
+from producer.errors import (
+    JobTimedOut,
+    JobValidationError,
+    StorageError,
+    StorageUnavailable,
+    TooManyDeliveries,
+)
 from worker.app import app
 from worker.heartbeat import publish_info
 from worker.settings import WorkerSettings
@@ -57,11 +66,7 @@ def get_runner() -> JobRunner:
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
-    autoretry_for=(StorageError,),
-    retry_backoff=2,
-    retry_backoff_max=get_settings().storage_retry_backoff_max_s,
-    retry_jitter=True,
-    max_retries=get_settings().storage_retries,
+    max_retries=None,  # storage retries are bounded in time instead: see _retry_storage
 )
 def generate(self: Task, job: Any = None, **unexpected: Any) -> dict[str, Any]:
     """Generate one job's images. ``job`` is the JSON job of docs/contract.md."""
@@ -90,28 +95,78 @@ def generate(self: Task, job: Any = None, **unexpected: Any) -> dict[str, Any]:
     def progress(meta: dict[str, Any]) -> None:
         self.update_state(state="PROGRESS", meta=meta)
 
-    runner = get_runner()
+    started = time.perf_counter()
+    runner: JobRunner | None = None
     try:
+        runner = get_runner()  # inside: creating the store checks the bucket, S3 may be down
         return runner.run(
             job, task_id=self.request.id, on_progress=progress, node=self.request.hostname
         )
+    except StorageError as exc:
+        raise _retry_storage(self, job, exc) from exc
+    except SoftTimeLimitExceeded:
+        timeout = JobTimedOut(
+            f"stopped after {time.perf_counter() - started:.1f} s: past its soft time limit "
+            "(set by the producer from FLEET_JOB_TIME_BASE_S and FLEET_JOB_TIME_PER_MPX_STEP_S)"
+        )
+        _record_raw_failure(job, timeout)
+        raise timeout from None
     finally:
-        _publish_worker_info(str(self.request.hostname or ""), runner)
+        if runner is not None:
+            _publish_worker_info(str(self.request.hostname or ""), runner)
 
 
 DELIVERIES_KEY = "fleet:deliveries:{task_id}:{retries}"
+OUTAGE_KEY = "fleet:storage-outage:{task_id}"
+#: Failures that could not be written to S3 (storage down); `producer failed` lists them too.
+UNSTORED_FAILURES_KEY = "fleet:failures:unstored"
 _redis: redis.Redis | None = None
+
+
+def _get_redis() -> redis.Redis:
+    global _redis
+    if _redis is None:
+        _redis = redis.Redis.from_url(get_settings().redis_url, socket_timeout=5)
+    return _redis
+
+
+def _retry_storage(task: Task, job: Any, exc: StorageError) -> Exception:
+    """Retry with exponential backoff while S3 is down, for at most FLEET_STORAGE_RETRY_WINDOW_S
+    from the first failure (boto3's own retries give up within seconds); then fail with the
+    reason. The generated images wait in the spool meanwhile, so they are not generated again."""
+    settings = get_settings()
+    key = OUTAGE_KEY.format(task_id=task.request.id)
+    r = _get_redis()
+    r.set(key, time.time(), nx=True, ex=int(settings.storage_retry_window_s) + 3600)
+    since = float(r.get(key) or time.time())
+    waited = time.time() - since
+    if waited > settings.storage_retry_window_s:
+        r.delete(key)
+        failure = StorageUnavailable(
+            f"storage unreachable for {waited:.0f} s (FLEET_STORAGE_RETRY_WINDOW_S="
+            f"{settings.storage_retry_window_s:.0f}); last error: {exc}"
+        )
+        _record_raw_failure(job, failure)  # best effort: storage may still be down
+        return failure
+    retries = task.request.retries or 0
+    delay = min(2.0**retries, settings.storage_retry_backoff_max_s)
+    log.warning(
+        "[job=%s] storage unavailable for %.0f s; retry %d in %.0f s: %s",
+        task.request.id,
+        waited,
+        retries + 1,
+        delay,
+        exc,
+    )
+    return task.retry(exc=exc, countdown=delay)
 
 
 def _count_delivery(task: Task) -> int:
     """Count deliveries of this attempt (a retry is a new attempt) in Redis, so a job that kills
     its worker every time ends as a recorded failure instead of an endless loop."""
-    global _redis
-    if _redis is None:
-        _redis = redis.Redis.from_url(get_settings().redis_url, socket_timeout=5)
     key = DELIVERIES_KEY.format(task_id=task.request.id, retries=task.request.retries or 0)
-    count = int(_redis.incr(key))
-    _redis.expire(key, 7 * 24 * 3600)
+    count = int(_get_redis().incr(key))
+    _get_redis().expire(key, 7 * 24 * 3600)
     return count
 
 
@@ -123,11 +178,15 @@ def _record_raw_failure(job: Any, error: Exception) -> None:
     job_id = job.get("job_id") if isinstance(job, dict) else None
     if not isinstance(job_id, str):
         return
-    store = ObjectStore(settings)
+    store = ObjectStore(settings, create_bucket=False)
     manifest = raw_failure_manifest(
         job_id, job, str(error), type(error).__name__, store.bucket, settings.s3_prefix
     )
-    write_failure(store, settings.s3_prefix, manifest)
+    if not write_failure(store, settings.s3_prefix, manifest):
+        # Storage is down: keep the failure in Redis (AOF-persisted) so it is never silent.
+        entry = {k: manifest[k] for k in ("job_id", "error", "error_type")}
+        entry["failed_at"] = manifest["finished_at"]
+        _get_redis().lpush(UNSTORED_FAILURES_KEY, json.dumps(entry))
 
 
 def _publish_worker_info(node: str, runner: JobRunner) -> None:

@@ -346,3 +346,30 @@ def test_cli_env_prints_exports_and_stops_on_sigterm(tmp_path: Path) -> None:
     proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert not _accepts(redis_port) and not _accepts(s3_port)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if text.encode() in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
+def test_cli_sigterm_while_starting_leaves_nothing_behind(tmp_path: Path) -> None:
+    workdir = tmp_path / "svc"
+    proc = _cli("run", "--workdir", str(workdir), "--", sys.executable, "-c", "pass")
+    assert proc.stderr is not None
+    for line in proc.stderr:  # redis is up, weed is starting: interrupt now
+        if "redis ready" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert _processes_mentioning(str(workdir)) == []

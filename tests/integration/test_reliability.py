@@ -1,0 +1,355 @@
+"""Nothing lost, nothing duplicated: real workers killed, stopped and starved of storage.
+
+Each test counts outcomes on the real fleet; the figures they measure are in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from producer import contract
+from producer.client import Client
+from producer.contract import JobSpec
+from producer.settings import ProducerSettings
+from tests.fleet_fixtures import WorkerProcess, settings_kwargs
+
+pytestmark = pytest.mark.integration
+
+FAST_REDELIVERY = {
+    "FLEET_VISIBILITY_TIMEOUT_S": "8",
+    "FLEET_UNACKED_RESTORE_INTERVAL_S": "1",
+    "FLEET_UNACKED_RESTORE_THROTTLE": "1",
+}
+
+
+def job(steps: int = 30, side: int = 64, **kw) -> JobSpec:  # type: ignore[no-untyped-def]
+    return JobSpec(prompt="a slow lighthouse", width=side, height=side, steps=steps, **kw)
+
+
+def pool_children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(what)
+
+
+def started_job(client: Client, job_ids: list[str]) -> str | None:
+    from celery.result import AsyncResult
+
+    for job_id in job_ids:
+        if AsyncResult(job_id, app=client.celery).state in ("STARTED", "PROGRESS"):
+            return job_id
+    return None
+
+
+def received(w: WorkerProcess, job_id: str | None = None) -> int:
+    """How many times the worker's log says it received (started) a job."""
+    tag = f"[job={job_id} " if job_id else "[job="
+    return sum(1 for ln in w.log().splitlines() if tag in ln and "] received:" in ln)
+
+
+def kill_pool_child_mid_job(w: WorkerProcess, seen: int, job_id: str | None = None) -> None:
+    """Wait for the next job start in the log, then SIGKILL the pool child running it."""
+    wait_until(lambda: received(w, job_id) > seen, 60, "a job starting")
+    time.sleep(0.1)  # inside the pipeline now
+    children = pool_children(w.proc.pid)
+    assert children, "no pool child"
+    os.kill(children[0], signal.SIGKILL)
+    wait_until(
+        lambda: pool_children(w.proc.pid) and pool_children(w.proc.pid) != children,
+        30,
+        "a new pool child",
+    )
+
+
+def objects_of(store, job_id: str) -> list[str]:  # type: ignore[no-untyped-def]
+    return sorted(store.list_keys(contract.job_prefix(job_id)))
+
+
+@pytest.fixture()
+def queue() -> str:
+    return f"fleet.rel-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture()
+def qclient(fleet_env: dict, queue: str) -> Iterator[Client]:
+    settings = ProducerSettings(_env_file=None, **settings_kwargs(fleet_env))
+    settings.queue = queue
+    with Client(settings) as c:
+        yield c
+
+
+def test_killed_pool_child_loses_and_duplicates_nothing(
+    start_worker, qclient: Client, store, queue: str
+) -> None:
+    w: WorkerProcess = start_worker("killchild", queues=queue, FLEET_MAX_DELIVERIES="10",
+                                    **FAST_REDELIVERY)  # fmt: skip
+    handles = qclient.submit_many([job() for _ in range(20)])
+    ids = [h.job_id for h in handles]
+    for _ in range(5):
+        kill_pool_child_mid_job(w, received(w))
+    statuses = qclient.wait(ids, timeout=180)
+    assert [s.state for s in statuses] == ["succeeded"] * 20
+    for s in statuses:
+        keys = objects_of(store, s.job_id)
+        assert keys == [contract.image_key(s.job_id, 0), contract.manifest_key(s.job_id)]
+        assert store.get_json(contract.manifest_key(s.job_id))["status"] == "succeeded"
+    assert w.log().count("WorkerLostError") >= 5, w.log()[-3000:]
+
+
+def test_a_job_that_kills_its_worker_every_time_ends_as_a_recorded_failure(
+    start_worker, qclient: Client, store, queue: str
+) -> None:
+    w = start_worker("poison", queues=queue, FLEET_MAX_DELIVERIES="2", **FAST_REDELIVERY)
+    handle = qclient.submit(job(steps=150))
+    for attempt in range(2):
+        kill_pool_child_mid_job(w, attempt, handle.job_id)
+    st = handle.wait(timeout=60)
+    assert st.state == "failed"
+    assert "delivered 3 times and its worker died each time" in st.result.error
+    entries = {e["job_id"]: e for e in qclient.failed()}
+    assert entries[handle.job_id]["error_type"] == "TooManyDeliveries"
+    assert w.proc.poll() is None
+    # The worker goes on with the next job.
+    assert qclient.submit(job(steps=2)).wait(timeout=60).state == "succeeded"
+
+
+def test_whole_worker_killed_job_comes_back_after_the_visibility_timeout(
+    start_worker, qclient: Client, queue: str
+) -> None:
+    w = start_worker("killall", queues=queue, **FAST_REDELIVERY)
+    handle = qclient.submit(job(steps=150))
+    wait_until(lambda: started_job(qclient, [handle.job_id]), 60, "the job running")
+    os.killpg(w.proc.pid, signal.SIGKILL)  # the worker and its pool child, as a crash would
+    w.proc.wait(10)
+    killed_at = time.monotonic()
+    w.start()
+    st = handle.wait(timeout=120)
+    redelivered_after = time.monotonic() - killed_at
+    assert st.state == "succeeded"
+    assert redelivered_after >= 7  # not before the visibility timeout (8 s)...
+    print(f"whole-worker kill: job done {redelivered_after:.1f} s after the kill")
+    assert redelivered_after < 60  # ...and not the 1 h default or a 90 s sweep
+
+
+def test_warm_shutdown_finishes_the_running_job(start_worker, qclient: Client, queue: str) -> None:
+    w = start_worker("warm", queues=queue)
+    handle = qclient.submit(job(steps=150))
+    wait_until(lambda: started_job(qclient, [handle.job_id]), 60, "the job running")
+    os.kill(w.proc.pid, signal.SIGTERM)
+    assert w.proc.wait(120) == 0
+    assert handle.status().state == "succeeded"
+
+
+def raw_message(task: str, body: bytes, content_type: str, queue: str) -> bytes:
+    task_id = str(uuid.uuid4())
+    return json.dumps({
+        "body": base64.b64encode(body).decode(),
+        "content-encoding": "utf-8" if content_type.endswith("json") else "binary",
+        "content-type": content_type,
+        "headers": {"lang": "py", "task": task, "id": task_id, "root_id": task_id,
+                    "parent_id": None, "group": None, "retries": 0, "eta": None,
+                    "expires": None, "timelimit": [None, None]},
+        "properties": {"correlation_id": task_id, "reply_to": "", "delivery_mode": 2,
+                       "delivery_info": {"exchange": "", "routing_key": queue},
+                       "priority": 0, "body_encoding": "base64",
+                       "delivery_tag": str(uuid.uuid4())},
+    }).encode()  # fmt: skip
+
+
+def test_poison_messages_are_rejected_and_logged_and_the_worker_goes_on(
+    start_worker, qclient: Client, queue: str
+) -> None:
+    import pickle
+
+    w = start_worker("poison-msgs", queues=queue, **FAST_REDELIVERY)
+    r = qclient.redis
+    good_body = json.dumps([[], {"job": job(steps=2).model_dump(mode="json")}, {}]).encode()
+    wrong_shape = json.dumps([[], {"prompt": "no job wrapper"}, {}]).encode()
+    r.lpush(queue, b"this is not json at all")
+    r.lpush(queue, raw_message(contract.TASK_GENERATE, b"{not json", "application/json", queue))
+    r.lpush(queue, raw_message(contract.TASK_GENERATE, pickle.dumps(([], {}, {})),
+                               "application/x-python-serialize", queue))  # fmt: skip
+    r.lpush(queue, raw_message(contract.TASK_GENERATE, wrong_shape, "application/json", queue))
+    r.lpush(queue, raw_message("no.such.task", good_body, "application/json", queue))
+    after = qclient.submit(job(steps=2))
+    assert after.wait(timeout=60).state == "succeeded"
+    time.sleep(3)  # past a restore sweep: nothing may come back
+    assert r.llen(queue) == 0
+    unacked = [json.loads(v) for v in r.hvals("unacked")]
+    assert not [m for m in unacked if m[0]["properties"]["delivery_info"]["routing_key"] == queue]
+    assert w.proc.poll() is None
+    log = w.log()
+    assert "ContentDisallowed" in log or "disallowed" in log.lower()  # pickle refused
+    assert "no.such.task" in log  # unknown task logged
+    assert "takes exactly one keyword argument 'job'" in log  # wrong shape failed alone
+    assert log.count(after.job_id) >= 1
+
+
+def test_soft_time_limit_records_a_failure_and_the_worker_survives(
+    start_worker, fleet_env: dict, queue: str
+) -> None:
+    w = start_worker("limits", queues=queue)
+    settings = ProducerSettings(_env_file=None, **settings_kwargs(fleet_env))
+    settings.queue = queue
+    settings.job_time_base_s = 0.3
+    settings.job_time_per_mpx_step_s = 0.0
+    with Client(settings) as c:
+        settings.job_time_base_s = 300
+        assert c.submit(job(steps=2)).wait(timeout=60).state == "succeeded"  # warm
+        settings.job_time_base_s = 0.3
+        slow = c.submit(job(steps=150, side=128))
+        st = slow.wait(timeout=60)
+        assert st.state == "failed" and "soft time limit" in st.result.error
+        assert st.result.error_type == "JobTimedOut"
+        assert c.store.get_json(contract.manifest_key(slow.job_id))["status"] == "failed"
+        settings.job_time_base_s = 300
+        assert c.submit(job(steps=2)).wait(timeout=60).state == "succeeded"
+    assert w.proc.poll() is None
+
+
+def test_deadline_passed_job_is_not_started_is_recorded_and_can_be_retried(
+    start_worker, qclient: Client, queue: str, fleet_env: dict
+) -> None:
+    late = qclient.submit(job(steps=2), deadline_s=1)
+    time.sleep(2)
+    start_worker("deadline", queues=queue)
+    st = late.wait(timeout=60)
+    assert st.state == "failed" and "deadline" in (st.result.error or "")
+    failed = subprocess.run([sys.executable, "-m", "producer", "failed", "--json"],
+                            env=fleet_env, capture_output=True, text=True)  # fmt: skip
+    assert late.job_id in [e["job_id"] for e in json.loads(failed.stdout)]
+    env = {**fleet_env, "FLEET_QUEUE": queue}
+    retry = subprocess.run([sys.executable, "-m", "producer", "retry", late.job_id, "--json"],
+                           env=env, capture_output=True, text=True)  # fmt: skip
+    assert retry.returncode == 0, retry.stderr
+    new_id = json.loads(retry.stdout)[0]["job_id"]
+    assert new_id == f"{late.job_id}.r1"
+    again = qclient.wait([new_id], timeout=60)[0]
+    assert again.state == "succeeded"
+    assert store_seed(qclient, new_id) == store_seed(qclient, late.job_id)  # same recipe
+    assert late.job_id not in [e["job_id"] for e in qclient.failed()]
+    retried = {e["job_id"]: e for e in qclient.failed(include_retried=True)}
+    assert retried[late.job_id]["retried_as"] == new_id
+
+
+def store_seed(client: Client, job_id: str) -> int:
+    return int(client.store.get_json(contract.manifest_key(job_id))["job"]["seed"])
+
+
+def test_storage_down_for_30s_fails_nothing_and_generates_once(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    from producer.local_services import LocalServices
+
+    services = LocalServices(tmp_path / "own-services")
+    ep = services.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(ep.env(), FLEET_MODEL=str(tiny_model), FLEET_MODEL_NAME="tiny",
+               FLEET_DEVICE="cpu", FLEET_TORCH_THREADS="1", FLEET_LOCAL_FILES_ONLY="true",
+               FLEET_SPOOL_DIR=str(tmp_path / "spool"), FLEET_STORAGE_RETRY_BACKOFF_MAX_S="4",
+               FLEET_STORAGE_RETRY_WINDOW_S="120",
+               FLEET_S3_MAX_ATTEMPTS="2", HF_HUB_OFFLINE="1")  # fmt: skip
+    w = WorkerProcess(f"s3down-{uuid.uuid4().hex[:4]}@localhost", env, tmp_path / "w.log")
+    try:
+        w.start()
+        with Client(ProducerSettings(_env_file=None, **settings_kwargs(env))) as c:
+            assert c.submit(job(steps=2)).wait(timeout=60).state == "succeeded"  # warm
+            services.s3.kill()
+            down_at = time.monotonic()
+            handles = c.submit_many([job(steps=4) for _ in range(3)])
+            wait_until(lambda: "storage unavailable" in w.log(), 60, "a storage retry")
+            time.sleep(max(0.0, 30 - (time.monotonic() - down_at)))
+            services.s3.restart()
+            statuses = c.wait([h.job_id for h in handles], timeout=120)
+            assert [s.state for s in statuses] == ["succeeded"] * 3
+            for h in handles:
+                generated = [
+                    ln
+                    for ln in w.log().splitlines()
+                    if f"[job={h.job_id} " in ln and "generated 1 image" in ln
+                ]
+                assert len(generated) == 1, "generated again after the outage"
+            assert "reusing 1 image(s) generated before storage failed" in w.log()
+    finally:
+        w.stop()
+        services.stop()
+
+
+def test_redis_restart_mid_run_loses_no_acknowledged_job(tmp_path: Path, tiny_model: Path) -> None:
+    from producer.local_services import LocalServices
+
+    services = LocalServices(tmp_path / "own-services")
+    ep = services.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(ep.env(), FLEET_MODEL=str(tiny_model), FLEET_MODEL_NAME="tiny",
+               FLEET_DEVICE="cpu", FLEET_TORCH_THREADS="1", FLEET_LOCAL_FILES_ONLY="true",
+               HF_HUB_OFFLINE="1", **FAST_REDELIVERY)  # fmt: skip
+    w = WorkerProcess(f"redisrestart-{uuid.uuid4().hex[:4]}@localhost", env, tmp_path / "w.log")
+    try:
+        w.start()
+        with Client(ProducerSettings(_env_file=None, **settings_kwargs(env))) as c:
+            handles = c.submit_many([job(steps=20) for _ in range(10)])
+            time.sleep(1.0)
+            services.redis.restart()  # clean restart: AOF keeps every acknowledged job
+            more = c.submit_many([job(steps=2) for _ in range(3)])  # the producer reconnects
+            ids = [h.job_id for h in handles + more]
+            statuses = c.wait(ids, timeout=180)
+            assert [s.state for s in statuses] == ["succeeded"] * len(ids)
+        assert w.proc.poll() is None
+    finally:
+        w.stop()
+        services.stop()
+
+
+def test_storage_down_past_the_retry_window_fails_with_a_recorded_reason(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    from producer.local_services import LocalServices
+
+    services = LocalServices(tmp_path / "own-services")
+    ep = services.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(ep.env(), FLEET_MODEL=str(tiny_model), FLEET_MODEL_NAME="tiny",
+               FLEET_DEVICE="cpu", FLEET_TORCH_THREADS="1", FLEET_LOCAL_FILES_ONLY="true",
+               FLEET_SPOOL_DIR=str(tmp_path / "spool"), FLEET_STORAGE_RETRY_BACKOFF_MAX_S="1",
+               FLEET_STORAGE_RETRY_WINDOW_S="4", FLEET_S3_MAX_ATTEMPTS="1",
+               HF_HUB_OFFLINE="1")  # fmt: skip
+    w = WorkerProcess(f"s3gone-{uuid.uuid4().hex[:4]}@localhost", env, tmp_path / "w.log")
+    try:
+        w.start()
+        with Client(ProducerSettings(_env_file=None, **settings_kwargs(env))) as c:
+            services.s3.kill()
+            handle = c.celery.send_task(contract.TASK_GENERATE,
+                                        kwargs={"job": job(steps=2).model_dump(mode="json")},
+                                        queue="fleet")  # fmt: skip
+            from celery.result import AsyncResult
+
+            res = AsyncResult(handle.id, app=c.celery)
+            wait_until(lambda: res.state == "FAILURE", 60, "the job to fail")
+            assert "storage unreachable for" in str(res.result)
+            entries = [json.loads(x) for x in c.redis.lrange("fleet:failures:unstored", 0, -1)]
+            assert any(e["error_type"] == "StorageUnavailable" for e in entries)
+        assert w.proc.poll() is None
+    finally:
+        w.stop()
+        services.stop()
