@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("job_ids", nargs="+", metavar="JOB_ID")
     st.add_argument("--json", action="store_true", help="print JSON")
 
+    c = sub.add_parser("cancel", help="cancel jobs: queued ones never run, running ones stop")
+    c.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+
     f = sub.add_parser("failed", help="list failed jobs with their reasons")
     f.add_argument("--limit", type=int, help="show at most this many (newest first)")
     f.add_argument("--all", action="store_true", help="include failures already retried")
@@ -123,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_submit(client, args, out, err)
             if args.command == "status":
                 return cmd_status(client, args, out)
+            if args.command == "cancel":
+                for job_id in args.job_ids:
+                    client.cancel(job_id)
+                    out.print(f"{job_id}  cancel requested")
+                return EXIT_OK
             if args.command == "failed":
                 return cmd_failed(client, args, out)
             if args.command == "retry":
@@ -235,7 +243,7 @@ def cmd_wait(
 
 
 def print_status(out: Console, st: JobStatus, files: list[str] | None = None) -> None:
-    colour = {"succeeded": "green", "failed": "red"}.get(st.state, "yellow")
+    colour = {"succeeded": "green", "failed": "red", "cancelled": "magenta"}.get(st.state, "yellow")
     line = f"[{colour}]{st.state}[/{colour}] {st.job_id}"
     if st.detail:
         line += f" ({st.detail})"

@@ -162,11 +162,9 @@ class Client:
         res = AsyncResult(job_id, app=self.celery)
         state = res.state
         if state == "SUCCESS":
-            return JobStatus(
-                job_id=job_id,
-                state="succeeded",
-                result=self._fresh_urls(JobResult.model_validate(res.result)),
-            )
+            result = self._fresh_urls(JobResult.model_validate(res.result))
+            done: contract.JobState = "cancelled" if result.status == "cancelled" else "succeeded"
+            return JobStatus(job_id=job_id, state=done, result=result)
         if state == "FAILURE":
             from_store = self._from_manifest(job_id)
             if from_store is not None and from_store.state == "failed":
@@ -186,6 +184,11 @@ class Client:
             from_store = self._from_manifest(job_id)
             if from_store is not None:
                 return from_store
+            if self.redis.exists(contract.CANCEL_KEY.format(job_id=job_id)):
+                return JobStatus(job_id=job_id, state="cancelled", result=JobResult(
+                    job_id=job_id, status="cancelled", error="cancelled before it started",
+                    error_type="JobCancelled",
+                ))  # fmt: skip
             return JobStatus(
                 job_id=job_id,
                 state="failed",
@@ -218,7 +221,7 @@ class Client:
         if not manifest or "result" not in manifest:
             return None
         result = self._fresh_urls(JobResult.model_validate(manifest["result"]))
-        state: contract.JobState = "succeeded" if result.status == "succeeded" else "failed"
+        state: contract.JobState = result.status
         return JobStatus(job_id=job_id, state=state, result=result)
 
     def _fresh_urls(self, result: JobResult) -> JobResult:
@@ -253,6 +256,18 @@ class Client:
                 )
             time.sleep(self.settings.poll_interval_s)
         return [latest[j] for j in job_ids]
+
+    # -- cancelling -----------------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> None:
+        """Cancel a job: a queued job never generates, a running one stops at its next step.
+
+        The mark is durable in Redis (``fleet:cancel:<job_id>``), because Celery's revoke list
+        lives in each worker's memory and a prefork pool child never sees it.
+        """
+        self.redis.set(contract.CANCEL_KEY.format(job_id=job_id), "1",
+                       ex=self.settings.job_claim_ttl_s)  # fmt: skip
+        self.celery.control.revoke(job_id)  # also drops it from workers that hold it reserved
 
     # -- failures ---------------------------------------------------------------------------
 

@@ -45,8 +45,10 @@ SCHEDULERS: tuple[str, ...] = (
     "unipc",
 )
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-JOB_STATES = ("queued", "started", "succeeded", "failed", "unknown")
-JobState = Literal["queued", "started", "succeeded", "failed", "unknown"]
+JOB_STATES = ("queued", "started", "succeeded", "failed", "cancelled", "unknown")
+JobState = Literal["queued", "started", "succeeded", "failed", "cancelled", "unknown"]
+#: Redis key a producer sets to cancel a job; workers check it before and during generation.
+CANCEL_KEY = "fleet:cancel:{job_id}"
 
 
 def new_job_id() -> str:
@@ -321,7 +323,7 @@ class JobResult(BaseModel):
 
     schema_version: int = SCHEMA_VERSION
     job_id: str
-    status: Literal["succeeded", "failed"]
+    status: Literal["succeeded", "failed", "cancelled"]
     bucket: str | None = None
     images: list[ImageRecord] = Field(default_factory=list)
     manifest_key: str | None = None
@@ -341,4 +343,4 @@ class JobStatus(BaseModel):
 
     @property
     def done(self) -> bool:
-        return self.state in ("succeeded", "failed")
+        return self.state in ("succeeded", "failed", "cancelled")

@@ -65,6 +65,10 @@ class JobTimedOut(FleetError):
     """The job ran past its soft time limit and was stopped."""
 
 
+class JobCancelled(FleetError):
+    """The job was cancelled (``producer cancel``); raised inside the worker to stop it."""
+
+
 class JobFailed(FleetError):
     """Raised by ``JobHandle.wait(raise_on_failure=True)`` when a job ended as a failure."""
 

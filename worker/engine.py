@@ -16,7 +16,7 @@ import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
 from producer.contract import JobSpec
-from producer.errors import GenerationError, JobValidationError
+from producer.errors import GenerationError, JobCancelled, JobValidationError
 from worker.placement import Placement
 from worker.settings import WorkerSettings
 
@@ -118,8 +118,8 @@ class Engine:
         try:
             with torch.inference_mode():
                 out = self.pipe(**kwargs)
-        except SoftTimeLimitExceeded:
-            raise  # the runner records it as a timeout
+        except (SoftTimeLimitExceeded, JobCancelled):
+            raise  # recorded as a timeout / a cancellation by the caller
         except ValueError as exc:
             # diffusers raises ValueError for inputs this model cannot take (e.g. a size).
             raise JobValidationError(
@@ -133,6 +133,11 @@ class Engine:
             seeds=seeds,
             timings={"generate_s": elapsed, "per_image_s": elapsed / len(seeds)},
         )
+
+    def release_memory(self) -> None:
+        """Give cached GPU memory back after an interrupted generation."""
+        if self.placement is not None and self.placement.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
     def call_kwargs(
         self, spec: JobSpec, seeds: list[int], on_step: StepCallback | None = None

@@ -12,7 +12,7 @@ from typing import Any
 
 from producer import contract
 from producer.contract import JobResult, JobSpec, validate_job
-from producer.errors import FleetError, JobValidationError, StorageError
+from producer.errors import FleetError, JobCancelled, JobValidationError, StorageError
 from producer.storage import ObjectStore
 from worker.engine import Engine, StepCallback
 from worker.failures import clear_failure, raw_failure_manifest, write_failure
@@ -47,6 +47,7 @@ class JobRunner:
         task_id: str | None = None,
         on_progress: ProgressCallback | None = None,
         node: str | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
         """Run one job and return its JobResult as JSON-ready dict. Raises FleetError on failure."""
         job_id = job.get("job_id") if isinstance(job, dict) else None
@@ -70,18 +71,24 @@ class JobRunner:
             self.record_failure(spec, exc, jlog)
             raise
 
+        if is_cancelled is not None and is_cancelled():
+            return self.record_cancelled(spec, jlog, "cancelled before it started")
+
         done = self._already_done(spec)
         if done is not None:
             jlog.info("already complete in storage; not generating again")
             return done
 
         try:
-            pngs, worker_info, timings = self._generate(spec, jlog, on_progress)
+            pngs, worker_info, timings = self._generate(spec, jlog, on_progress, is_cancelled)
             if node:
                 worker_info["node"] = node  # the Celery node name, e.g. gpu0@host
             result = self._store(spec, pngs, worker_info, timings, started, jlog)
         except StorageError:
             raise  # retried by the task with backoff; the spool keeps the images meanwhile
+        except JobCancelled as exc:
+            self.engine.release_memory()
+            return self.record_cancelled(spec, jlog, f"cancelled while generating: {exc}")
         except FleetError as exc:
             self.record_failure(spec, exc, jlog)
             raise
@@ -120,7 +127,11 @@ class JobRunner:
         return self._with_urls(result).model_dump(mode="json")
 
     def _generate(
-        self, spec: JobSpec, jlog: JobLog, on_progress: ProgressCallback | None
+        self,
+        spec: JobSpec,
+        jlog: JobLog,
+        on_progress: ProgressCallback | None,
+        is_cancelled: Callable[[], bool] | None = None,
     ) -> tuple[list[bytes], dict[str, Any], dict[str, float]]:
         spool = self._spool(spec)
         cached = self._read_spool(spool, spec)
@@ -130,7 +141,7 @@ class JobRunner:
             jlog.info("reusing %d image(s) generated before storage failed", len(cached))
             return cached, worker_info, {"generate_s": 0.0, "reused_from_spool": 1.0}
 
-        step_cb = self._step_reporter(spec, on_progress)
+        step_cb = self._step_reporter(spec, on_progress, is_cancelled)
         generated = self.engine.generate(spec, on_step=step_cb)
         model = self.settings.served_model or ""
         pngs = [
@@ -215,6 +226,30 @@ class JobRunner:
         if write_failure(self.store, self.settings.s3_prefix, manifest):
             jlog.error("failed: %s (recorded in %s)", exc, result.manifest_key)
 
+    def record_cancelled(self, spec: JobSpec, jlog: JobLog, reason: str) -> dict[str, Any]:
+        """Record a cancelled job (not a failure): its manifest says so, no images are kept."""
+        result = JobResult(
+            job_id=spec.job_id,
+            status="cancelled",
+            bucket=self.store.bucket,
+            manifest_key=contract.manifest_key(spec.job_id, self.settings.s3_prefix),
+            error=reason,
+            error_type="JobCancelled",
+        )
+        manifest = build_manifest(
+            spec, status="cancelled", images=[], worker={}, timings={},
+            error=reason, error_type="JobCancelled",
+        )  # fmt: skip
+        manifest["result"] = result.model_dump(mode="json")
+        try:
+            self.store.put_json(contract.manifest_key(spec.job_id, self.settings.s3_prefix),
+                                manifest)  # fmt: skip
+        except StorageError as exc:
+            jlog.error("cancelled, but the record could not be stored: %s", exc)
+        shutil.rmtree(self._spool(spec), ignore_errors=True)
+        jlog.info("%s", reason)
+        return result.model_dump(mode="json")
+
     def record_invalid(self, job_id: Any, job: Any, exc: FleetError, jlog: JobLog) -> None:
         """Record a refused job under its id, when the id itself is usable as a key."""
         if not isinstance(job_id, str) or not contract.JOB_ID_PATTERN.match(job_id):
@@ -232,15 +267,22 @@ class JobRunner:
         return result
 
     def _step_reporter(
-        self, spec: JobSpec, on_progress: ProgressCallback | None
+        self,
+        spec: JobSpec,
+        on_progress: ProgressCallback | None,
+        is_cancelled: Callable[[], bool] | None = None,
     ) -> StepCallback | None:
-        if on_progress is None:
+        if on_progress is None and is_cancelled is None:
             return None
         interval = self.settings.progress_interval_s
         last = 0.0
 
         def report(step: int, total: int) -> None:
             nonlocal last
+            if is_cancelled is not None and is_cancelled():
+                raise JobCancelled(f"cancelled at step {step}/{total}")
+            if on_progress is None:
+                return
             now = time.monotonic()
             if step == total or now - last >= interval:
                 last = now

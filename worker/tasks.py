@@ -11,7 +11,7 @@ import redis
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from producer.contract import TASK_GENERATE
+from producer.contract import CANCEL_KEY, TASK_GENERATE
 from producer.errors import (
     JobTimedOut,
     JobValidationError,
@@ -100,7 +100,11 @@ def generate(self: Task, job: Any = None, **unexpected: Any) -> dict[str, Any]:
     try:
         runner = get_runner()  # inside: creating the store checks the bucket, S3 may be down
         return runner.run(
-            job, task_id=self.request.id, on_progress=progress, node=self.request.hostname
+            job,
+            task_id=self.request.id,
+            on_progress=progress,
+            node=self.request.hostname,
+            is_cancelled=_cancel_checker(job),
         )
     except StorageError as exc:
         raise _retry_storage(self, job, exc) from exc
@@ -159,6 +163,23 @@ def _retry_storage(task: Task, job: Any, exc: StorageError) -> Exception:
         exc,
     )
     return task.retry(exc=exc, countdown=delay)
+
+
+def _cancel_checker(job: Any) -> Any:
+    """A check of the durable cancel mark in Redis. Celery's revoke list lives in each worker's
+    memory and a prefork child never sees it, so `producer cancel` also sets this key."""
+    job_id = job.get("job_id") if isinstance(job, dict) else None
+    if not isinstance(job_id, str):
+        return None
+    key = CANCEL_KEY.format(job_id=job_id)
+
+    def is_cancelled() -> bool:
+        try:
+            return bool(_get_redis().exists(key))
+        except redis.RedisError:
+            return False  # Redis briefly away: keep generating rather than fail the job
+
+    return is_cancelled
 
 
 def _count_delivery(task: Task) -> int:
