@@ -92,3 +92,19 @@ def test_missing_model_is_a_clear_load_error(tmp_path: Path) -> None:
     e = Engine(WorkerSettings(_env_file=None, model=str(tmp_path / "nope"), local_files_only=True))
     with pytest.raises(ModelLoadError, match="cannot load model"):
         e.setup()
+
+
+def test_an_sdxl_shaped_pipeline_runs_through_the_same_engine(tmp_path: Path) -> None:
+    """Not tied to SD 1.5: an SDXL-shaped pipeline (two text encoders) loads through
+    DiffusionPipeline and gets only the call arguments it accepts."""
+    from worker.testmodel import build_test_model
+
+    model = build_test_model("sdxl-tiny", tmp_path / "sdxl")
+    e = Engine(WorkerSettings(_env_file=None, model=str(model), model_name="sdxl",
+                              torch_threads=1, local_files_only=True))  # fmt: skip
+    out = e.generate(job(images=2, seed=3, negative_prompt="blurry", scheduler="euler_a"))
+    assert type(e.pipe).__name__ == "StableDiffusionXLPipeline"
+    assert e.pipe.text_encoder_2 is not None
+    assert [im.size for im in out.images] == [(64, 64), (64, 64)]
+    again = e.generate(job(images=2, seed=3, negative_prompt="blurry", scheduler="euler_a"))
+    assert np.asarray(again.images[1]).tobytes() == np.asarray(out.images[1]).tobytes()
