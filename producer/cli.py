@@ -53,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("job_ids", nargs="+", metavar="JOB_ID")
     st.add_argument("--json", action="store_true", help="print JSON")
 
+    rp = sub.add_parser("replay", help="submit a stored recipe again as a new job")
+    rp.add_argument("source", metavar="MANIFEST_KEY_OR_FILE")
+    rp.add_argument("--index", type=int, help="replay only this image of the job")
+    rp.add_argument("--wait", action="store_true", help="wait and print the new images")
+    _add_wait_options(rp)
+
+    st2 = sub.add_parser("stats", help="queue depths and workers with their device and job")
+    st2.add_argument("--json", action="store_true", help="print JSON")
+
     c = sub.add_parser("cancel", help="cancel jobs: queued ones never run, running ones stop")
     c.add_argument("job_ids", nargs="+", metavar="JOB_ID")
 
@@ -126,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_submit(client, args, out, err)
             if args.command == "status":
                 return cmd_status(client, args, out)
+            if args.command == "replay":
+                handle = client.replay(args.source, args.index)
+                if args.wait:
+                    return cmd_wait(client, [handle.job_id], args, out, err)
+                out.print(handle.job_id)
+                return EXIT_OK
+            if args.command == "stats":
+                return cmd_stats(client, args, out)
             if args.command == "cancel":
                 for job_id in args.job_ids:
                     client.cancel(job_id)
@@ -163,6 +180,26 @@ def cmd_submit(client: Client, args: argparse.Namespace, out: Console, err: Cons
                 out.print(f"{h.job_id}{note}")
         return EXIT_OK
     return cmd_wait(client, [h.job_id for h in handles], args, out, err)
+
+
+def cmd_stats(client: Client, args: argparse.Namespace, out: Console) -> int:
+    from rich.table import Table
+
+    data = client.stats()
+    if args.json:
+        out.print_json(data=data)
+        return EXIT_OK
+    queues = Table("queue", "waiting", title="queues")
+    for name, depth in data["queues"].items():
+        queues.add_row(name, str(depth))
+    out.print(queues)
+    workers = Table("worker", "queues", "device", "model", "running", title="workers")
+    for w in data["workers"]:
+        device = (w["device"] or "?") + (f" ({w['gpu_name']})" if w.get("gpu_name") else "")
+        workers.add_row(w["node"], ",".join(w["queues"]), device, w["model"] or "?",
+                        ", ".join(w["active"]) or "-")  # fmt: skip
+    out.print(workers)
+    return EXIT_OK
 
 
 def cmd_failed(client: Client, args: argparse.Namespace, out: Console) -> int:

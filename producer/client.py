@@ -257,6 +257,67 @@ class Client:
             time.sleep(self.settings.poll_interval_s)
         return [latest[j] for j in job_ids]
 
+    # -- replay ---------------------------------------------------------------------------------
+
+    def replay(self, source: str, index: int | None = None) -> JobHandle:
+        """Submit a stored recipe again as a new job: a manifest's S3 key or a local file.
+
+        The whole job replays byte for byte when device type, thread count and library versions
+        match (see the manifest's ``replay`` field). ``index`` replays one image alone, with its
+        own seed; in a batch of one its pixels can differ slightly from the original batch.
+        """
+        path = Path(source)
+        if path.is_file():
+            manifest = json.loads(path.read_text())
+        else:
+            manifest = self.store.get_json(source)
+            if manifest is None:
+                raise FleetError(f"no manifest at s3://{self.store.bucket}/{source} or {source}")
+        job = dict(manifest.get("job") or {})
+        if not job:
+            raise FleetError(f"{source} holds no job recipe (is it a fleet manifest?)")
+        if index is not None:
+            seeds = manifest.get("seeds") or [job.get("seed")]
+            if not 0 <= index < len(seeds):
+                raise FleetError(f"--index {index}: the job has images 0 to {len(seeds) - 1}")
+            job.update(seed=seeds[index], images=1)
+        job.pop("job_id", None)
+        return self.submit(job)
+
+    # -- the fleet at a glance ------------------------------------------------------------------
+
+    def stats(self, inspect_timeout: float = 1.0) -> dict[str, Any]:
+        """Queue depths and live workers (heartbeats) with their device and current jobs."""
+        workers: dict[str, dict[str, Any]] = {}
+        for key in self.redis.scan_iter(contract.HEARTBEAT_KEY.format(node="*")):
+            raw = self.redis.get(key)
+            if raw is None:
+                continue
+            beat = json.loads(raw)
+            info_raw = self.redis.get(contract.WORKER_INFO_KEY.format(node=beat["node"]))
+            info = json.loads(info_raw) if info_raw else {}
+            workers[beat["node"]] = {
+                "node": beat["node"], "queues": beat.get("queues", []),
+                "device": info.get("device"), "gpu_name": info.get("gpu_name"),
+                "model": info.get("model_name"), "active": [],
+            }  # fmt: skip
+        if workers:
+            # The main process answers while its pool child generates (prefork).
+            active = (
+                self.celery.control.inspect(
+                    destination=list(workers), timeout=inspect_timeout
+                ).active()
+                or {}
+            )
+            for node, tasks in active.items():
+                if node in workers:
+                    workers[node]["active"] = [t.get("id") for t in tasks]
+        queues = {self.settings.queue, *self.settings.model_routes.values()}
+        for w in workers.values():
+            queues.update(w["queues"])
+        depths = {q: int(self.redis.llen(q)) for q in sorted(queues)}
+        return {"queues": depths, "workers": sorted(workers.values(), key=lambda w: w["node"])}
+
     # -- cancelling -----------------------------------------------------------------------------
 
     def cancel(self, job_id: str) -> None:

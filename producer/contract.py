@@ -49,6 +49,10 @@ JOB_STATES = ("queued", "started", "succeeded", "failed", "cancelled", "unknown"
 JobState = Literal["queued", "started", "succeeded", "failed", "cancelled", "unknown"]
 #: Redis key a producer sets to cancel a job; workers check it before and during generation.
 CANCEL_KEY = "fleet:cancel:{job_id}"
+#: Redis key each worker's main process refreshes with a TTL (JSON: node, host, pid, queues).
+HEARTBEAT_KEY = "fleet:heartbeat:{node}"
+#: Redis key where a worker's pool child publishes its device facts (JSON).
+WORKER_INFO_KEY = "fleet:worker-info:{node}"
 
 
 def new_job_id() -> str:

@@ -17,10 +17,10 @@ from typing import Any
 
 import redis
 
-log = logging.getLogger(__name__)
+from producer.contract import HEARTBEAT_KEY
+from producer.contract import WORKER_INFO_KEY as INFO_KEY
 
-HEARTBEAT_KEY = "fleet:heartbeat:{node}"
-INFO_KEY = "fleet:worker-info:{node}"
+log = logging.getLogger(__name__)
 
 
 class Heartbeat:

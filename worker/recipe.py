@@ -73,5 +73,21 @@ def build_manifest(
         "timings": timings,
         "error": error,
         "error_type": error_type,
+        # What a replay must match to give byte-identical PNGs (`producer replay`).
+        "replay": {
+            "must_match": [
+                "device_type",
+                "dtype",
+                "torch_threads",
+                "batch (images per job)",
+                "torch",
+                "diffusers",
+                "model revision",
+            ],
+            "device_type": worker.get("device_type"),
+            "generator_device": worker.get("generator_device"),
+            "torch_threads": worker.get("torch_threads"),
+            "batch": spec.images,
+        },
         "finished_at": datetime.now(timezone.utc).isoformat(),
     }

@@ -158,3 +158,26 @@ def test_validation_at_the_producer_enqueues_nothing(worker, client) -> None:
     with pytest.raises(JobValidationError, match="steps=0"):
         client.submit_many([small_job(), {"prompt": "x", "steps": 0}])
     assert client.redis.llen("fleet") == depth
+
+
+def test_replay_gives_byte_identical_images(worker, client, store, fleet_env, tmp_path) -> None:
+    original = client.submit(small_job(images=2, seed=4242, scheduler="dpmpp_2m")).wait(
+        timeout=TIMEOUT
+    )
+    mkey = original.result.manifest_key
+    manifest = store.get_json(mkey)
+    assert manifest["replay"]["batch"] == 2 and manifest["replay"]["device_type"] == "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-m", "producer", "replay", mkey, "--wait", "--json"],
+        env=fleet_env, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    replayed = json.loads(proc.stdout)[0]
+    assert replayed["job_id"] != original.job_id
+    for a, b in zip(original.result.images, replayed["result"]["images"], strict=True):
+        assert store.get_bytes(a.key) == store.get_bytes(b["key"])
+    # From a local copy of the manifest, one image alone, with its own seed.
+    local = tmp_path / "manifest.json"
+    local.write_text(json.dumps(manifest))
+    one = client.replay(str(local), index=1).wait(timeout=TIMEOUT)
+    assert [i.seed for i in one.result.images] == [4243]

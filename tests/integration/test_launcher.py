@@ -74,6 +74,17 @@ def test_cpu_workers_share_jobs_restart_after_a_crash_and_stop_warmly(
         rows = {r["node"].split("@")[0]: r for r in json.loads(status.stdout)}
         assert rows["cpu0"]["device"] == "cpu" and rows["cpu1"]["device"] == "cpu"
 
+        # `producer stats` shows the launch queue and both workers with their device.
+        stats = subprocess.run([sys.executable, "-m", "producer", "stats", "--json"],
+                               env={**launcher_env, "FLEET_QUEUE": "fleet.launch"},
+                               capture_output=True, text=True)  # fmt: skip
+        assert stats.returncode == 0, stats.stderr
+        data = json.loads(stats.stdout)
+        assert data["queues"]["fleet.launch"] == 0
+        mine = [w for w in data["workers"] if "fleet.launch" in w["queues"]]
+        assert sorted(w["node"].split("@")[0] for w in mine) == ["cpu0", "cpu1"]
+        assert {w["device"] for w in mine} == {"cpu"}
+
         # A crashed worker is restarted by the launcher.
         old_pid = beats["cpu0"]["pid"]
         os.kill(old_pid, signal.SIGKILL)
