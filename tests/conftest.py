@@ -51,9 +51,12 @@ def start_worker(
     started: list[WorkerProcess] = []
     logs = tmp_path_factory.mktemp("worker-logs")
 
-    def start(name: str, queues: str = "fleet", **env: str) -> WorkerProcess:
+    def start(
+        name: str, queues: str = "fleet", pool: str = "prefork", concurrency: int = 1, **env: str
+    ) -> WorkerProcess:
         node = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
-        w = WorkerProcess(node, {**fleet_env, **env}, logs / f"{name}.log", queues=queues)
+        w = WorkerProcess(node, {**fleet_env, **env}, logs / f"{name}.log", queues=queues,
+                          pool=pool, concurrency=concurrency)  # fmt: skip
         started.append(w)
         return w.start()
 

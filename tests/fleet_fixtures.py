@@ -20,11 +20,13 @@ def settings_kwargs(env: dict[str, str]) -> dict[str, Any]:
     return {k.removeprefix("FLEET_").lower(): v for k, v in env.items() if k.startswith("FLEET_")}
 
 
-def worker_command(node: str, queues: str = "fleet", pool: str = "prefork") -> list[str]:
+def worker_command(
+    node: str, queues: str = "fleet", pool: str = "prefork", concurrency: int = 1
+) -> list[str]:
     """The documented worker command line (README, docs/operations.md)."""
     return [
         sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-        "--pool", pool, "--concurrency", "1", "--queues", queues,
+        "--pool", pool, "--concurrency", str(concurrency), "--queues", queues,
         "--hostname", node, "--loglevel", "INFO", "--without-gossip", "--without-mingle",
     ]  # fmt: skip
 
@@ -32,17 +34,27 @@ def worker_command(node: str, queues: str = "fleet", pool: str = "prefork") -> l
 class WorkerProcess:
     """A real `celery worker` subprocess with its log in a file."""
 
-    def __init__(self, node: str, env: dict[str, str], log_path: Path, queues: str = "fleet"):
+    def __init__(
+        self,
+        node: str,
+        env: dict[str, str],
+        log_path: Path,
+        queues: str = "fleet",
+        pool: str = "prefork",
+        concurrency: int = 1,
+    ):
         self.node = node
         self.env = env
         self.queues = queues
+        self.pool = pool
+        self.concurrency = concurrency
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90.0) -> WorkerProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            worker_command(self.node, self.queues),
+            worker_command(self.node, self.queues, self.pool, self.concurrency),
             cwd=REPO,
             env=self.env,
             stdout=log,

@@ -44,6 +44,8 @@ class Generated:
     images: list[Any]
     seeds: list[int]
     timings: dict[str, float] = field(default_factory=dict)
+    #: The recipes generated in the same pipeline call (job ids and seeds), when batched.
+    batch: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Engine:
@@ -110,11 +112,17 @@ class Engine:
 
     def generate(self, spec: JobSpec, on_step: StepCallback | None = None) -> Generated:
         """Generate the images of one job; image i uses seed ``spec.seeds()[i]``."""
+        return self.generate_batch([spec], on_step)[0]
+
+    def generate_batch(
+        self, specs: list[JobSpec], on_step: StepCallback | None = None
+    ) -> list[Generated]:
+        """Generate compatible jobs (same size, steps, guidance, scheduler, images per job) in
+        one pipeline call, one generator per image, so each image depends only on its seed."""
         self.setup()
         assert self.placement is not None
-        seeds = spec.seeds()
         started = time.perf_counter()
-        kwargs = self.call_kwargs(spec, seeds, on_step)
+        kwargs = self.batch_kwargs(specs, on_step)
         try:
             with torch.inference_mode():
                 out = self.pipe(**kwargs)
@@ -122,17 +130,26 @@ class Engine:
             raise  # recorded as a timeout / a cancellation by the caller
         except ValueError as exc:
             # diffusers raises ValueError for inputs this model cannot take (e.g. a size).
-            raise JobValidationError(
-                [("job", spec.job_id, f"the pipeline refused it: {exc}")]
-            ) from exc
+            ids = ", ".join(s.job_id for s in specs)
+            raise JobValidationError([("job", ids, f"the pipeline refused it: {exc}")]) from exc
         except Exception as exc:
             raise GenerationError(f"generation failed: {type(exc).__name__}: {exc}") from exc
         elapsed = time.perf_counter() - started
-        return Generated(
-            images=list(out.images),
-            seeds=seeds,
-            timings={"generate_s": elapsed, "per_image_s": elapsed / len(seeds)},
-        )
+        images = list(out.images)
+        per_job = specs[0].images
+        total = per_job * len(specs)
+        return [
+            Generated(
+                images=images[i * per_job : (i + 1) * per_job],
+                seeds=spec.seeds(),
+                timings={
+                    "generate_s": elapsed,
+                    "per_image_s": elapsed / total,
+                    "batch_jobs": float(len(specs)),
+                },
+            )
+            for i, spec in enumerate(specs)
+        ]
 
     def release_memory(self) -> None:
         """Give cached GPU memory back after an interrupted generation."""
@@ -142,23 +159,40 @@ class Engine:
     def call_kwargs(
         self, spec: JobSpec, seeds: list[int], on_step: StepCallback | None = None
     ) -> dict[str, Any]:
-        """The pipeline call for a job, keeping only the arguments this pipeline accepts."""
+        """The pipeline call for one job (see batch_kwargs)."""
+        assert seeds == spec.seeds()
+        return self.batch_kwargs([spec], on_step)
+
+    def batch_kwargs(
+        self, specs: list[JobSpec], on_step: StepCallback | None = None
+    ) -> dict[str, Any]:
+        """The pipeline call for compatible jobs, keeping only the arguments this pipeline
+        accepts. Images come back job by job (diffusers repeats each prompt's embeddings
+        ``num_images_per_prompt`` times), matching the order of the generators."""
         assert self.placement is not None
-        self.pipe.scheduler = self.scheduler_for(spec.scheduler)
+        first = specs[0]
+        self.pipe.scheduler = self.scheduler_for(first.scheduler)
         gen_device = self.placement.generator_device
+        negatives = [s.negative_prompt for s in specs]
         wanted: dict[str, Any] = {
-            "prompt": spec.prompt,
-            "negative_prompt": spec.negative_prompt or None,
-            "width": spec.width,
-            "height": spec.height,
-            "num_inference_steps": spec.steps,
-            "guidance_scale": spec.guidance,
-            "num_images_per_prompt": len(seeds),
-            "generator": [torch.Generator(gen_device).manual_seed(s) for s in seeds],
+            "prompt": first.prompt if len(specs) == 1 else [s.prompt for s in specs],
+            "negative_prompt": (
+                (negatives[0] or None)
+                if len(specs) == 1
+                else (negatives if any(negatives) else None)
+            ),
+            "width": first.width,
+            "height": first.height,
+            "num_inference_steps": first.steps,
+            "guidance_scale": first.guidance,
+            "num_images_per_prompt": first.images,
+            "generator": [
+                torch.Generator(gen_device).manual_seed(seed) for s in specs for seed in s.seeds()
+            ],
             "output_type": "pil",
         }
         if on_step is not None:
-            total = spec.steps
+            total = first.steps
 
             def _callback(pipe: Any, step: int, timestep: Any, kw: dict[str, Any]) -> dict:
                 # Some schedulers run more timesteps than steps (PNDM's warm-up): report theirs.

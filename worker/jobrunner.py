@@ -14,6 +14,7 @@ from producer import contract
 from producer.contract import JobResult, JobSpec, validate_job
 from producer.errors import FleetError, JobCancelled, JobValidationError, StorageError
 from producer.storage import ObjectStore
+from worker.batcher import Batcher
 from worker.engine import Engine, StepCallback
 from worker.failures import clear_failure, raw_failure_manifest, write_failure
 from worker.recipe import build_manifest, image_recipe, png_bytes
@@ -35,10 +36,18 @@ class JobLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 class JobRunner:
     """Runs jobs on one warm engine and stores their images under the contract's key layout."""
 
-    def __init__(self, settings: WorkerSettings, engine: Engine, store: ObjectStore) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        engine: Engine,
+        store: ObjectStore,
+        batcher: Batcher | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.store = store
+        #: With a batcher (batch workers), jobs from many task threads share pipeline calls.
+        self.batcher = batcher
         self.spool_root = Path(settings.spool_dir or Path(tempfile.gettempdir()) / "fleet-spool")
 
     def run(
@@ -142,7 +151,15 @@ class JobRunner:
             return cached, worker_info, {"generate_s": 0.0, "reused_from_spool": 1.0}
 
         step_cb = self._step_reporter(spec, on_progress, is_cancelled)
-        generated = self.engine.generate(spec, on_step=step_cb)
+        if self.batcher is not None:
+            generated = self.batcher.generate(spec, step_cb)
+        else:
+            generated = self.engine.generate(spec, on_step=step_cb)
+        worker_info["batch"] = {
+            "jobs": len(generated.batch) or 1,
+            "recipes": generated.batch or [{"job_id": spec.job_id, "seeds": spec.seeds()}],
+            "torch_threads": worker_info.get("torch_threads"),
+        }
         model = self.settings.served_model or ""
         pngs = [
             png_bytes(image, image_recipe(spec, seed, model, self.settings.model_revision))

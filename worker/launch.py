@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", help="comma-separated GPU indices to use (default: all found)")
     p.add_argument("--cpu", type=int, metavar="N", help="start N CPU workers, 1 torch thread each")
     p.add_argument("--queues", default=os.environ.get("FLEET_QUEUE", DEFAULT_QUEUE))
+    p.add_argument("--batch", type=int, default=int(os.environ.get("FLEET_BATCH_SIZE", "1")),
+                   help="batch workers: up to N compatible jobs per pipeline call "
+                   "(threads pool with N threads; see docs/batching.md)")  # fmt: skip
     p.add_argument("--loglevel", default="INFO")
     p.add_argument(
         "--max-restarts",
@@ -91,33 +94,23 @@ class Slot:
 
 
 def worker_argv(node: str, args: argparse.Namespace) -> list[str]:
+    """The documented worker command; batch workers use the threads pool, one thread a job."""
     extra = [a for a in (args.celery_args or []) if a != "--"]
+    batch = max(1, getattr(args, "batch", 1) or 1)
+    pool, concurrency = ("threads", batch) if batch > 1 else ("prefork", 1)
     return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.app",
-        "worker",
-        "--pool",
-        "prefork",
-        "--concurrency",
-        "1",
-        "--queues",
-        args.queues,
-        "--hostname",
-        node,
-        "--loglevel",
-        args.loglevel,
-        "--without-gossip",
-        "--without-mingle",
-        *extra,
-    ]
+        sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+        "--pool", pool, "--concurrency", str(concurrency), "--queues", args.queues,
+        "--hostname", node, "--loglevel", args.loglevel,
+        "--without-gossip", "--without-mingle", *extra,
+    ]  # fmt: skip
 
 
 def plan(args: argparse.Namespace, gpus: list[int] | None = None) -> list[Slot]:
     """The workers to run: one per selected GPU, or ``--cpu N`` CPU workers."""
     base = dict(os.environ)
+    if getattr(args, "batch", 1) and args.batch > 1:
+        base["FLEET_BATCH_SIZE"] = str(args.batch)
     if args.cpu:
         slots = []
         for i in range(args.cpu):

@@ -60,6 +60,14 @@ class WorkerSettings(FleetSettings):
     max_deliveries: int = Field(
         3, description="A job delivered this many times (its worker died each time) fails."
     )
+    batch_size: int = Field(
+        1,
+        description="Jobs generated together in one pipeline call (1: no batching). Run the "
+        "worker with --pool threads --concurrency BATCH_SIZE; see docs/batching.md.",
+    )
+    batch_wait_s: float = Field(
+        0.0, description="How long a job may wait for compatible company (0: never waits)."
+    )
     heartbeat_interval_s: float = Field(10.0, description="How often the heartbeat is refreshed.")
     heartbeat_ttl_s: int = Field(30, description="A worker whose heartbeat is older is unhealthy.")
     progress_interval_s: float = Field(0.5, description="Least time between progress updates.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_init_lock = threading.Lock()  # the threads pool (batch workers) may race to build these
 _settings: WorkerSettings | None = None
 _engine: Engine | None = None
 _runner: JobRunner | None = None
@@ -44,20 +46,30 @@ def get_settings() -> WorkerSettings:
 def get_engine() -> Engine:
     """The process-wide warm engine (created in the pool child, never in the forking parent)."""
     global _engine
-    if _engine is None:
-        from worker.engine import Engine
+    with _init_lock:
+        if _engine is None:
+            from worker.engine import Engine
 
-        _engine = Engine(get_settings())
+            _engine = Engine(get_settings())
     return _engine
 
 
 def get_runner() -> JobRunner:
     global _runner
-    if _runner is None:
+    engine = get_engine()
+    with _init_lock:
+        if _runner is not None:
+            return _runner
         from producer.storage import ObjectStore
         from worker.jobrunner import JobRunner
 
-        _runner = JobRunner(get_settings(), get_engine(), ObjectStore(get_settings()))
+        settings = get_settings()
+        batcher = None
+        if settings.batch_size > 1:
+            from worker.batcher import Batcher
+
+            batcher = Batcher(engine, settings.batch_size, settings.batch_wait_s)
+        _runner = JobRunner(settings, engine, ObjectStore(settings), batcher)
     return _runner
 
 
@@ -92,8 +104,13 @@ def generate(self: Task, job: Any = None, **unexpected: Any) -> dict[str, Any]:
         _record_raw_failure(job, error)
         raise error
 
+    task_id = self.request.id  # progress may be reported from the batcher's thread
+
     def progress(meta: dict[str, Any]) -> None:
-        self.update_state(state="PROGRESS", meta=meta)
+        try:
+            self.update_state(task_id=task_id, state="PROGRESS", meta=meta)
+        except Exception as exc:  # progress is best effort; never fail a job over it
+            log.warning("[job=%s] progress update failed: %s", task_id, exc)
 
     started = time.perf_counter()
     runner: JobRunner | None = None

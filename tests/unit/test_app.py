@@ -36,3 +36,22 @@ def test_app_and_producer_import_no_torch() -> None:
         "sys.exit(1 if bad else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_launcher_plans_one_pinned_worker_per_gpu_and_batch_workers() -> None:
+    import argparse
+
+    from worker.launch import add_arguments, plan
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    slots = plan(p.parse_args(["--gpus", "1,3"]), gpus=[0, 1, 2, 3])
+    assert [s.name for s in slots] == ["gpu1", "gpu3"]
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["1", "3"]
+    assert "gpu3@%h" in slots[1].argv and "prefork" in slots[1].argv
+    cpu = plan(p.parse_args(["--cpu", "2", "--batch", "4"]), gpus=[])
+    assert [s.env["FLEET_TORCH_THREADS"] for s in cpu] == ["1", "1"]
+    assert cpu[0].env["FLEET_BATCH_SIZE"] == "4" and cpu[0].env["CUDA_VISIBLE_DEVICES"] == ""
+    argv = cpu[0].argv
+    assert argv[argv.index("--pool") + 1] == "threads"
+    assert argv[argv.index("--concurrency") + 1] == "4"
