@@ -166,6 +166,8 @@ def _publish(
         name: amqp.router.route({"queue": name}, contract.TASK_GENERATE, (), {}, None)
         for name in dict.fromkeys(queues)
     }
+    create_message = amqp.create_task_message
+    send_message = amqp.send_task_message  # a property that builds the sender: fetch it once
     with app.producer_or_acquire() as producer:
         batch = getattr(producer, "batch", None)  # kombu >= 5.7
         batched = batch is not None and bool(getattr(producer, "supports_batch_publish", False))
@@ -183,7 +185,7 @@ def _publish(
                         spec, settings.job_time_base_s, settings.job_time_per_mpx_step_s
                     )
                     kwargs = {"job": spec.model_dump(mode="json")}
-                    message = amqp.create_task_message(
+                    message = create_message(
                         spec.job_id,
                         contract.TASK_GENERATE,
                         (),
@@ -193,15 +195,14 @@ def _publish(
                         time_limit=hard,
                         soft_time_limit=soft,
                         create_sent_event=sent_event,
+                        ignore_result=None,  # as send_task passes it
                         argsrepr="()",
                         kwargsrepr=kwargs_repr(kwargs, kwargsrepr_max, maxlevels),
                     )
                     options: dict[str, Any] = dict(routes[queues[i]])
                     if deadline_s is not None:
                         options["expiration"] = max(float(deadline_s), 0.0)
-                    amqp.send_task_message(
-                        producer, contract.TASK_GENERATE, message, declare=(), **options
-                    )
+                    send_message(producer, contract.TASK_GENERATE, message, declare=(), **options)
                     if not batched:
                         progress.sent += 1  # published at once
             progress.sent = chunk.stop  # leaving the batch flushed the whole chunk
