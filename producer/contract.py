@@ -100,6 +100,40 @@ def _norm_prefix(prefix: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Webhook targets: refused in private ranges (server-side request forgery) unless allowed.
+
+#: Task and queue of webhook deliveries (a light queue, so no job waits behind them).
+TASK_WEBHOOK = "fleet.webhook"
+WEBHOOK_QUEUE = "fleet.webhooks"
+#: Header with ``sha256=<hex HMAC-SHA256 of the raw body, keyed with the shared secret>``.
+WEBHOOK_SIGNATURE_HEADER = "X-Fleet-Signature"
+
+
+def check_webhook_url(url: str, allow_private: bool = False) -> None:
+    """Raise ValueError unless ``url`` is http(s) with a host whose every address is public."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if allow_private:
+        return
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        raise ValueError(f"cannot resolve {parts.hostname}: {exc}") from None
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0])
+        if not addr.is_global:
+            raise ValueError(
+                f"{parts.hostname} resolves to {addr}, a private, loopback or reserved address; "
+                "allow it with FLEET_WEBHOOK_ALLOW_PRIVATE=true"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
 # Limits: the configurable bounds a job is checked against, on both sides.
 
 
@@ -118,6 +152,8 @@ class Limits(BaseModel):
     max_prompt_chars: int = 2000
     #: Empty means any model; otherwise a job's model must be on this list.
     allowed_models: tuple[str, ...] = ()
+    #: Webhook targets in private, loopback or link-local ranges are refused unless allowed.
+    webhook_allow_private: bool = False
 
 
 def _limits(info: ValidationInfo) -> Limits:
@@ -148,6 +184,8 @@ class JobSpec(BaseModel):
     #: None: the model the worker serves by default.
     model: str | None = None
     scheduler: str = "default"
+    #: http(s) URL that receives the result JSON when the job ends (signed, see docs/webhooks.md).
+    webhook: str | None = None
 
     @field_validator("schema_version")
     @classmethod
@@ -246,6 +284,17 @@ class JobSpec(BaseModel):
     def _scheduler(cls, v: str) -> str:
         if v not in SCHEDULERS:
             raise ValueError(f"unknown scheduler; choose one of: {', '.join(SCHEDULERS)}")
+        return v
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        # Without limits (a JobSpec built in Python) only the form is checked; the address
+        # check runs in validate_job, which the producer and the worker always call.
+        allow = _limits(info).webhook_allow_private if info.context else True
+        check_webhook_url(v, allow_private=allow)
         return v
 
     def seeds(self) -> list[int]:

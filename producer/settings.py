@@ -91,6 +91,16 @@ class FleetSettings(BaseSettings):
         default=(), description="Comma-separated; empty allows any model."
     )
 
+    # --- Webhooks
+    webhook_secret: SecretStr | None = Field(
+        None, description="Shared secret for the HMAC-SHA256 signature of webhook bodies."
+    )
+    webhook_allow_private: bool = Field(
+        False, description="Allow webhook targets in private/loopback ranges (SSRF guard off)."
+    )
+    webhook_max_retries: int = Field(8, description="Delivery attempts after the first.")
+    webhook_timeout_s: float = Field(10.0, description="Timeout of one webhook POST.")
+
     _split_allowed = field_validator("allowed_models", mode="before")(_split_list)
     _split_routes = field_validator("model_routes", mode="before")(_split_map)
 
@@ -109,6 +119,7 @@ class FleetSettings(BaseSettings):
             max_images=self.max_images,
             max_prompt_chars=self.max_prompt_chars,
             allowed_models=self.allowed_models,
+            webhook_allow_private=self.webhook_allow_private,
         )
 
 

@@ -55,7 +55,7 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
     app = Celery("fleet")
     app.conf.update(celery_config(settings))
     # Registers the task by name; worker.tasks imports no torch at module level either.
-    app.conf.update(include=["worker.tasks"])
+    app.conf.update(include=["worker.tasks", "worker.webhooks"])
     return app
 
 

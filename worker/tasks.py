@@ -14,6 +14,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from producer.contract import CANCEL_KEY, TASK_GENERATE
 from producer.errors import (
+    FleetError,
     JobTimedOut,
     JobValidationError,
     StorageError,
@@ -23,6 +24,7 @@ from producer.errors import (
 from worker.app import app
 from worker.heartbeat import publish_info
 from worker.settings import WorkerSettings
+from worker.webhooks import notify
 
 if TYPE_CHECKING:
     from worker.engine import Engine
@@ -102,6 +104,7 @@ def generate(self: Task, job: Any = None, **unexpected: Any) -> dict[str, Any]:
             f"(limit FLEET_MAX_DELIVERIES={get_settings().max_deliveries}); not run again"
         )
         _record_raw_failure(job, error)
+        _notify_failure(job, error)
         raise error
 
     task_id = self.request.id  # progress may be reported from the batcher's thread
@@ -116,13 +119,15 @@ def generate(self: Task, job: Any = None, **unexpected: Any) -> dict[str, Any]:
     runner: JobRunner | None = None
     try:
         runner = get_runner()  # inside: creating the store checks the bucket, S3 may be down
-        return runner.run(
+        result = runner.run(
             job,
             task_id=self.request.id,
             on_progress=progress,
             node=self.request.hostname,
             is_cancelled=_cancel_checker(job),
         )
+        notify(job, result)
+        return result
     except StorageError as exc:
         raise _retry_storage(self, job, exc) from exc
     except SoftTimeLimitExceeded:
@@ -131,7 +136,11 @@ def generate(self: Task, job: Any = None, **unexpected: Any) -> dict[str, Any]:
             "(set by the producer from FLEET_JOB_TIME_BASE_S and FLEET_JOB_TIME_PER_MPX_STEP_S)"
         )
         _record_raw_failure(job, timeout)
+        _notify_failure(job, timeout)
         raise timeout from None
+    except FleetError as exc:
+        _notify_failure(job, exc)
+        raise
     finally:
         if runner is not None:
             _publish_worker_info(str(self.request.hostname or ""), runner)
@@ -180,6 +189,13 @@ def _retry_storage(task: Task, job: Any, exc: StorageError) -> Exception:
         exc,
     )
     return task.retry(exc=exc, countdown=delay)
+
+
+def _notify_failure(job: Any, exc: Exception) -> None:
+    job_id = job.get("job_id") if isinstance(job, dict) else None
+    if isinstance(job_id, str):
+        notify(job, {"schema_version": 1, "job_id": job_id, "status": "failed",
+                     "error": str(exc), "error_type": type(exc).__name__})  # fmt: skip
 
 
 def _cancel_checker(job: Any) -> Any:

@@ -137,3 +137,12 @@ def test_recipe_holds_only_deterministic_fields() -> None:
         "model",
         "revision",
     }
+
+
+def test_webhook_targets_in_private_ranges_are_refused_unless_allowed() -> None:
+    msgs = problems({"prompt": "x", "webhook": "http://127.0.0.1:8080/hook"})
+    assert "private, loopback or reserved" in msgs["webhook"]
+    assert "10.0.0.5" in problems({"prompt": "x", "webhook": "https://10.0.0.5/h"})["webhook"]
+    assert "http:// or https://" in problems({"prompt": "x", "webhook": "ftp://a/b"})["webhook"]
+    allowed = Limits(webhook_allow_private=True)
+    assert validate_job({"prompt": "x", "webhook": "http://127.0.0.1/h"}, allowed).webhook
