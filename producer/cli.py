@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_submit(client: Client, args: argparse.Namespace, out: Console, err: Console) -> int:
-    handles = client.submit_many(jobs_from_args(args), deadline_s=args.deadline)
+    handles = client.submit_many(
+        jobs_from_args(args), deadline_s=args.deadline, priority=args.priority
+    )
     if not args.wait:
         if args.json:
             out.print_json(

@@ -16,7 +16,7 @@ from celery.result import AsyncResult
 
 from producer import contract
 from producer.contract import JobResult, JobSpec, JobStatus, validate_job
-from producer.errors import FleetError, JobFailed
+from producer.errors import FleetError, JobFailed, JobValidationError
 from producer.settings import ProducerSettings
 from producer.storage import ObjectStore
 
@@ -41,9 +41,17 @@ def make_celery_client(settings: ProducerSettings) -> Celery:
         result_extended=True,
         task_default_queue=settings.queue,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={
+            **contract.PRIORITY_TRANSPORT_OPTIONS,
+            "visibility_timeout": settings.visibility_timeout_s,
+        },
     )
     return app
+
+
+def check_priority(priority: int) -> None:
+    if not contract.MIN_PRIORITY <= priority <= contract.MAX_PRIORITY:
+        raise JobValidationError([("priority", priority, "must be from 0 (last) to 9 (first)")])
 
 
 @dataclass
@@ -109,21 +117,36 @@ class Client:
     def queue_for(self, spec: JobSpec) -> str:
         return contract.queue_for(spec.model, self.settings.model_routes, self.settings.queue)
 
-    def submit(self, job: JobSpec | dict[str, Any], deadline_s: float | None = None) -> JobHandle:
+    def submit(
+        self,
+        job: JobSpec | dict[str, Any],
+        deadline_s: float | None = None,
+        priority: int = contract.DEFAULT_PRIORITY,
+    ) -> JobHandle:
         """Validate and enqueue one job. The same job id submitted twice enqueues once.
 
         ``deadline_s``: a job not started within this many seconds is not started at all.
+        ``priority``: 0 (last) to 9 (first); the default is 5.
         """
-        return self.submit_many([job], deadline_s=deadline_s)[0]
+        return self.submit_many([job], deadline_s=deadline_s, priority=priority)[0]
 
     def submit_many(
-        self, jobs: Iterable[JobSpec | dict[str, Any]], deadline_s: float | None = None
+        self,
+        jobs: Iterable[JobSpec | dict[str, Any]],
+        deadline_s: float | None = None,
+        priority: int = contract.DEFAULT_PRIORITY,
     ) -> list[JobHandle]:
         """Validate every job first (nothing is enqueued if one is bad), then enqueue each."""
+        check_priority(priority)
         specs = [self.validate(job) for job in jobs]
-        return [self._enqueue(spec, deadline_s) for spec in specs]
+        return [self._enqueue(spec, deadline_s, priority) for spec in specs]
 
-    def _enqueue(self, spec: JobSpec, deadline_s: float | None = None) -> JobHandle:
+    def _enqueue(
+        self,
+        spec: JobSpec,
+        deadline_s: float | None = None,
+        priority: int = contract.DEFAULT_PRIORITY,
+    ) -> JobHandle:
         queue = self.queue_for(spec)
         claim = CLAIM_KEY.format(job_id=spec.job_id)
         claimed = self.redis.set(claim, queue, nx=True, ex=self.settings.job_claim_ttl_s)
@@ -144,6 +167,7 @@ class Client:
                 soft_time_limit=soft,
                 time_limit=hard,
                 expires=deadline_s,
+                priority=contract.celery_priority(priority),
             )
         except Exception:
             self.redis.delete(claim)  # not enqueued: the id is free for a retry
@@ -315,7 +339,10 @@ class Client:
         queues = {self.settings.queue, *self.settings.model_routes.values()}
         for w in workers.values():
             queues.update(w["queues"])
-        depths = {q: int(self.redis.llen(q)) for q in sorted(queues)}
+        depths = {
+            q: sum(int(self.redis.llen(key)) for key in contract.queue_keys(q))
+            for q in sorted(queues)
+        }
         return {"queues": depths, "workers": sorted(workers.values(), key=lambda w: w["node"])}
 
     # -- cancelling -----------------------------------------------------------------------------

@@ -47,6 +47,29 @@ SCHEDULERS: tuple[str, ...] = (
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 JOB_STATES = ("queued", "started", "succeeded", "failed", "cancelled", "unknown")
 JobState = Literal["queued", "started", "succeeded", "failed", "cancelled", "unknown"]
+#: Priorities: 0 (last) to 9 (first); jobs without one get DEFAULT_PRIORITY.
+MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 0, 9, 5
+#: Redis transport options every part of the fleet should share: kombu keeps one Redis list
+#: per priority step — ``<queue>`` for step 0, ``<queue>\x06\x16<step>`` for steps 1-9 (kombu's
+#: default separator, which must not change: control messages parse it) — and serves step 0
+#: first, first-in-first-out within a step. A job of priority p goes to step 9 - p.
+PRIORITY_TRANSPORT_OPTIONS: dict[str, Any] = {
+    "queue_order_strategy": "priority",
+    "priority_steps": list(range(10)),
+}
+PRIORITY_SEP = "\x06\x16"
+
+
+def celery_priority(priority: int) -> int:
+    """Celery/kombu priority step for a fleet priority (higher fleet priority = sooner)."""
+    return MAX_PRIORITY - priority
+
+
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists holding a queue's messages, one per priority step (for depth counts)."""
+    return [queue] + [f"{queue}{PRIORITY_SEP}{step}" for step in range(1, 10)]
+
+
 #: Redis key a producer sets to cancel a job; workers check it before and during generation.
 CANCEL_KEY = "fleet:cancel:{job_id}"
 #: Redis key each worker's main process refreshes with a TTL (JSON: node, host, pid, queues).

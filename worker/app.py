@@ -9,7 +9,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import task_revoked, worker_process_init, worker_ready, worker_shutdown
 
-from producer.contract import DEFAULT_QUEUE
+from producer.contract import DEFAULT_QUEUE, PRIORITY_TRANSPORT_OPTIONS
 from worker.heartbeat import Heartbeat
 from worker.settings import WorkerSettings
 
@@ -42,6 +42,7 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
+            **PRIORITY_TRANSPORT_OPTIONS,
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": settings.unacked_restore_interval_s,
             "unacked_restore_throttle": settings.unacked_restore_throttle,

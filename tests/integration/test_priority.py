@@ -1,0 +1,41 @@
+"""Priorities: a high-priority job overtakes queued low-priority ones; stats count every
+priority sub-queue."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from producer.client import Client
+from producer.contract import JobSpec
+from producer.errors import JobValidationError
+from producer.settings import ProducerSettings
+from tests.fleet_fixtures import settings_kwargs
+
+pytestmark = pytest.mark.integration
+
+
+def test_high_priority_overtakes_queued_low_priority_jobs(start_worker, fleet_env: dict) -> None:
+    queue = f"fleet.prio-{uuid.uuid4().hex[:6]}"
+    settings = ProducerSettings(_env_file=None, **settings_kwargs(fleet_env))
+    settings.queue = queue
+    with Client(settings) as c:
+        spec = dict(width=64, height=64, steps=2)
+        low = c.submit_many([JobSpec(prompt=f"low {i}", **spec) for i in range(5)], priority=1)
+        normal = c.submit(JobSpec(prompt="normal", **spec))
+        high = c.submit(JobSpec(prompt="high", **spec), priority=9)
+        assert c.stats()["queues"][queue] == 7  # counted over the priority sub-queues
+        with pytest.raises(JobValidationError, match="priority=10"):
+            c.submit(JobSpec(prompt="x", **spec), priority=10)
+        start_worker("prio", queues=queue)
+        ids = [high.job_id, normal.job_id] + [h.job_id for h in low]
+        statuses = c.wait(ids, timeout=120)
+        assert {s.state for s in statuses} == {"succeeded"}
+        finished = {
+            s.job_id: c.store.get_json(s.result.manifest_key)["finished_at"] for s in statuses
+        }
+        order = sorted(finished, key=finished.__getitem__)
+        assert order[0] == high.job_id
+        assert order[1] == normal.job_id
+        assert order[2:] == [h.job_id for h in low]  # first in, first out within a priority
