@@ -31,7 +31,7 @@ from typing import Any
 from celery.utils.saferepr import saferepr
 
 from producer import contract
-from producer.client import CLAIM_KEY, Client, JobHandle
+from producer.client import CLAIM_KEY, Client, JobHandle, check_priority
 from producer.contract import JobSpec
 
 log = logging.getLogger(__name__)
@@ -44,13 +44,16 @@ def submit_bulk(
     client: Client,
     jobs: Iterable[JobSpec | dict[str, Any]],
     deadline_s: float | None = None,
+    priority: int = contract.DEFAULT_PRIORITY,
 ) -> list[JobHandle]:
     """Validate, claim and enqueue ``jobs``; handles in the given order.
 
     A job whose id was claimed before (by an earlier submission or earlier in ``jobs``) comes
     back with ``duplicate=True`` and is not sent again. ``deadline_s``: a job not started within
-    this many seconds is not started at all (as for ``Client.submit``).
+    this many seconds is not started at all; ``priority``: 0 (last) to 9 (first), default 5
+    (both as for ``Client.submit``).
     """
+    check_priority(priority)
     specs = [client.validate(job) for job in jobs]  # raises before anything is claimed
     if not specs:
         return []
@@ -71,6 +74,7 @@ def submit_bulk(
             [specs[i] for i in to_send],
             [queues[i] for i in to_send],
             deadline_s,
+            contract.celery_priority(priority),
             progress,
         )
     except BaseException:
@@ -146,6 +150,7 @@ def _publish(
     specs: Sequence[JobSpec],
     queues: Sequence[str],
     deadline_s: float | None,
+    celery_priority: int,
     progress: _Progress,
 ) -> None:
     """Publish one message per job over one producer, as ``send_task`` would make them.
@@ -161,9 +166,11 @@ def _publish(
     kwargsrepr_max = int(getattr(amqp, "kwargsrepr_maxsize", 1024))
     maxlevels = int(app.conf.task_repr_maxlevels)
     sent_event = bool(app.conf.task_send_sent_event)
-    # send_task's routing, once per queue: {"queue": <Queue>} for the queues of this fleet.
+    # send_task's routing, once per queue: {"queue": <Queue>, "priority": p} here.
     routes = {
-        name: amqp.router.route({"queue": name}, contract.TASK_GENERATE, (), {}, None)
+        name: amqp.router.route(
+            {"queue": name, "priority": celery_priority}, contract.TASK_GENERATE, (), {}, None
+        )
         for name in dict.fromkeys(queues)
     }
     create_message = amqp.create_task_message
@@ -177,13 +184,19 @@ def _publish(
                 producer.maybe_declare(queue)
         for start in range(0, len(specs), CHUNK_SIZE):
             chunk = range(start, min(start + CHUNK_SIZE, len(specs)))
-            grouping = batch(max_size=2 * len(chunk) + 1) if batch is not None else nullcontext()
+            # room for every command of the chunk (an LPUSH, plus PEXPIREs where the queue has
+            # an expiry), so a chunk is flushed once, when the batch is left
+            size = 16 * len(chunk) + 16
+            grouping = batch(max_size=size) if batch is not None else nullcontext()
             with grouping:
                 for i in chunk:
                     spec = specs[i]
                     soft, hard = contract.time_limits(
                         spec, settings.job_time_base_s, settings.job_time_per_mpx_step_s
                     )
+                    options: dict[str, Any] = dict(routes[queues[i]])
+                    if deadline_s is not None:
+                        options["expiration"] = max(float(deadline_s), 0.0)
                     kwargs = {"job": spec.model_dump(mode="json")}
                     message = create_message(
                         spec.job_id,
@@ -198,10 +211,8 @@ def _publish(
                         ignore_result=None,  # as send_task passes it
                         argsrepr="()",
                         kwargsrepr=kwargs_repr(kwargs, kwargsrepr_max, maxlevels),
+                        **options,
                     )
-                    options: dict[str, Any] = dict(routes[queues[i]])
-                    if deadline_s is not None:
-                        options["expiration"] = max(float(deadline_s), 0.0)
                     send_message(producer, contract.TASK_GENERATE, message, declare=(), **options)
                     if not batched:
                         progress.sent += 1  # published at once

@@ -17,6 +17,8 @@ from producer.errors import FleetError, JobValidationError
 from producer.settings import ProducerSettings
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT = 0, 1, 2, 3
+#: Up to this many jobs, `wait` shows one progress bar per job; above, one bar for all.
+MAX_JOB_BARS = 20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="model name (default: the worker's model)")
     s.add_argument("--scheduler", default="default", help=f"one of: {', '.join(SCHEDULERS)}")
     s.add_argument("--job-id", help="your own job id (one prompt only); resubmitting it is a no-op")
+    s.add_argument("--priority", type=int, default=5, help="0 (last) to 9 (first); default 5")
     s.add_argument(
         "--deadline",
         type=float,
@@ -242,24 +245,36 @@ def cmd_status(client: Client, args: argparse.Namespace, out: Console) -> int:
 def cmd_wait(
     client: Client, job_ids: list[str], args: argparse.Namespace, out: Console, err: Console
 ) -> int:
+    per_job = len(job_ids) <= MAX_JOB_BARS
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("{task.fields[state]}"),
         TimeElapsedColumn(),
         console=err,
         transient=True,
         disable=not err.is_terminal,
     ) as progress:
-        task = progress.add_task("jobs", total=len(job_ids))
+        # One bar per job that moves with its denoising steps, or one bar for many jobs.
+        overall = progress.add_task("jobs", total=len(job_ids), state="", visible=not per_job)
+        bars = {
+            j: progress.add_task(j[:12], total=1, state="queued", visible=per_job) for j in job_ids
+        }
 
         def on_update(st: JobStatus) -> None:
+            bar = bars[st.job_id]
             if st.done:
-                progress.advance(task)
-            if not args.json:
-                progress.console.print(
-                    f"{st.job_id}: {st.state}" + (f" ({st.detail})" if st.detail else "")
-                )
+                progress.advance(overall)
+                total = progress.tasks[bar].total or 1
+                progress.update(bar, completed=total, state=st.state)
+            elif st.steps:
+                progress.update(bar, total=st.steps, completed=st.step or 0, state=st.state)
+            else:
+                progress.update(bar, state=st.state)
+            if progress.disable and not args.json:  # no terminal: one line per change
+                line = f"{st.job_id}: {st.state}" + (f" ({st.detail})" if st.detail else "")
+                progress.console.print(line)
 
         statuses = client.wait(job_ids, timeout=args.timeout, on_update=on_update)
 

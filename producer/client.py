@@ -225,11 +225,11 @@ class Client:
             )
         if state in _RUNNING_STATES:
             info = res.info if isinstance(res.info, dict) else {}
-            detail = None
             if state == "PROGRESS" and info:
-                detail = f"step {info.get('step')}/{info.get('steps')}"
-            elif state == "RETRY":
-                detail = f"retrying: {res.info}"
+                return JobStatus(job_id=job_id, state="started",
+                                 detail=f"step {info.get('step')}/{info.get('steps')}",
+                                 step=info.get("step"), steps=info.get("steps"))  # fmt: skip
+            detail = f"retrying: {res.info}" if state == "RETRY" else None
             return JobStatus(job_id=job_id, state="started", detail=detail)
         from_store = self._from_manifest(job_id)
         if from_store is not None:

@@ -416,6 +416,9 @@ class JobStatus(BaseModel):
     state: JobState
     result: JobResult | None = None
     detail: str | None = None
+    #: Denoising progress while running (from the worker's PROGRESS updates).
+    step: int | None = None
+    steps: int | None = None
 
     @property
     def done(self) -> bool:

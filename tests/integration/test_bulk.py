@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import string
@@ -31,6 +32,19 @@ def small_job(**kw) -> JobSpec:  # type: ignore[no-untyped-def]
     return JobSpec(**base)
 
 
+def depth(client: Client, queue: str) -> int:
+    """Messages waiting in ``queue``: one Redis list per priority step."""
+    return sum(int(client.redis.llen(key)) for key in contract.queue_keys(queue))
+
+
+def messages(client: Client, queue: str) -> list[dict]:  # type: ignore[type-arg]
+    """The waiting messages of ``queue``, highest priority first, oldest first within one."""
+    out = []
+    for key in contract.queue_keys(queue):
+        out += [json.loads(m) for m in reversed(client.redis.lrange(key, 0, -1))]
+    return out
+
+
 def uid(tag: str) -> str:
     return f"bulk-{tag}-{uuid.uuid4().hex[:10]}"
 
@@ -42,7 +56,7 @@ def idle_client(fleet_env: dict) -> Iterator[Client]:
     settings = ProducerSettings(_env_file=None, **{**settings_kwargs(fleet_env), "queue": queue})
     with Client(settings) as c:
         yield c
-        c.redis.delete(queue)
+        c.redis.delete(*contract.queue_keys(queue))
 
 
 def test_bulk_jobs_all_succeed(worker, client, store) -> None:  # type: ignore[no-untyped-def]
@@ -86,8 +100,7 @@ def test_a_bad_job_means_nothing_is_enqueued(idle_client: Client) -> None:
     with pytest.raises(JobValidationError) as info:
         submit_bulk(idle_client, [good[0], good[1], bad, good[2]])
     assert "width=100" in str(info.value)
-    queue = idle_client.settings.queue
-    assert idle_client.redis.llen(queue) == 0
+    assert depth(idle_client, idle_client.settings.queue) == 0
     for spec in good:
         assert not idle_client.redis.exists(CLAIM_KEY.format(job_id=spec.job_id))
 
@@ -96,30 +109,40 @@ def test_bulk_messages_match_send_task(idle_client: Client) -> None:
     """Same headers, properties and body as the message Client.submit sends (ids aside)."""
     queue = idle_client.settings.queue
     one = small_job(job_id=uid("single"), seed=5, prompt="a lighthouse at dusk")
-    idle_client.submit(one, deadline_s=600)
+    idle_client.submit(one, deadline_s=600, priority=7)
     twin = one.model_copy(update={"job_id": uid("twin")})
-    [handle] = submit_bulk(idle_client, [twin], deadline_s=600)
+    [handle] = submit_bulk(idle_client, [twin], deadline_s=600, priority=7)
     assert handle.queue == queue and not handle.duplicate
-    raw = idle_client.redis.lrange(queue, 0, -1)
-    assert len(raw) == 2
-    bulk_msg, single_msg = (json.loads(m) for m in raw)  # LPUSH: newest first
+    single_msg, bulk_msg = messages(idle_client, queue)  # same priority list, oldest first
 
     def normalised(msg: dict) -> dict:  # type: ignore[type-arg]
+        msg = {**msg, "body": json.loads(base64.b64decode(msg["body"]))}
         text = json.dumps(msg, sort_keys=True)
         for job_id in (one.job_id, twin.job_id):
             text = text.replace(job_id, "<id>")
         out = json.loads(text)
         out["properties"].pop("delivery_tag")
         out["headers"].pop("expires")  # both now + 600 s, a few ms apart
-        out.pop("body")
         return out
 
     assert normalised(bulk_msg) == normalised(single_msg)
     assert bulk_msg["headers"]["expires"] and single_msg["headers"]["expires"]
-    assert bulk_msg["headers"]["timelimit"] == single_msg["headers"]["timelimit"]
     assert bulk_msg["headers"]["task"] == contract.TASK_GENERATE
     assert bulk_msg["headers"]["id"] == twin.job_id
+    assert bulk_msg["properties"]["priority"] == contract.celery_priority(7)
     assert bulk_msg["properties"]["delivery_info"]["routing_key"] == queue
+
+
+def test_priority_picks_the_list(idle_client: Client) -> None:
+    queue = idle_client.settings.queue
+    low = [small_job(job_id=uid("low"), seed=i) for i in range(2)]
+    high = [small_job(job_id=uid("high"), seed=i) for i in range(2)]
+    submit_bulk(idle_client, low, priority=0)
+    submit_bulk(idle_client, high, priority=9)
+    waiting = [m["headers"]["id"] for m in messages(idle_client, queue)]
+    assert waiting == [s.job_id for s in high + low]  # priority 9 first
+    with pytest.raises(JobValidationError):
+        submit_bulk(idle_client, [small_job(job_id=uid("p"))], priority=10)
 
 
 def test_publish_failure_releases_unsent_claims(
@@ -141,14 +164,14 @@ def test_publish_failure_releases_unsent_claims(
     with pytest.raises(ConnectionError):
         submit_bulk(idle_client, specs)
     # Chunks [0, 1] and [2, 3] were flushed; chunk [4, 5] failed and was discarded; 6 never sent.
-    assert idle_client.redis.llen(idle_client.settings.queue) == 4
+    assert depth(idle_client, idle_client.settings.queue) == 4
     claimed = [bool(idle_client.redis.exists(CLAIM_KEY.format(job_id=s.job_id))) for s in specs]
     assert claimed == [True, True, True, True, False, False, False]
     monkeypatch.undo()
     # The released ids can be submitted again; the sent ones are duplicates.
     retry = submit_bulk(idle_client, specs)
     assert [h.duplicate for h in retry] == [True, True, True, True, False, False, False]
-    assert idle_client.redis.llen(idle_client.settings.queue) == 7
+    assert depth(idle_client, idle_client.settings.queue) == 7
 
 
 def test_kwargs_repr_is_celerys_saferepr() -> None:

@@ -75,6 +75,12 @@ def test_invalid_job_exits_2_with_the_reason_and_needs_no_services(
     assert "width=100: must be a multiple of 8 from 64 to 2048" in capsys.readouterr().err
 
 
+def test_submit_options_for_priority_and_deadline() -> None:
+    args = parse("submit", "a", "--priority", "9", "--deadline", "30")
+    assert args.priority == 9 and args.deadline == 30.0
+    assert parse("submit", "a").priority == 5
+
+
 def test_wait_options() -> None:
     args = parse("wait", "a", "b", "--output", "out", "--timeout", "5", "--json")
     assert args.job_ids == ["a", "b"] and args.output == Path("out") and args.timeout == 5.0
