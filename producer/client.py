@@ -161,7 +161,7 @@ class Client:
             )
             self.celery.send_task(
                 contract.TASK_GENERATE,
-                kwargs={"job": spec.model_dump(mode="json")},
+                kwargs={"job": {**spec.model_dump(mode="json"), "submitted_at": time.time()}},
                 queue=queue,
                 task_id=spec.job_id,
                 soft_time_limit=soft,
@@ -306,6 +306,7 @@ class Client:
                 raise FleetError(f"--index {index}: the job has images 0 to {len(seeds) - 1}")
             job.update(seed=seeds[index], images=1)
         job.pop("job_id", None)
+        job.pop("submitted_at", None)
         return self.submit(job)
 
     # -- the fleet at a glance ------------------------------------------------------------------

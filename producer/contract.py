@@ -209,6 +209,8 @@ class JobSpec(BaseModel):
     scheduler: str = "default"
     #: http(s) URL that receives the result JSON when the job ends (signed, see docs/webhooks.md).
     webhook: str | None = None
+    #: Unix time the producer enqueued the job (for queue-wait metrics); not part of the recipe.
+    submitted_at: float | None = None
 
     @field_validator("schema_version")
     @classmethod

@@ -26,6 +26,7 @@ Figures (medians of several runs, each run measuring both sides of its ratio bac
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -733,12 +734,15 @@ class Bench:
                 for i in range(self.bulk_n)
             ]
 
+        keys = contract.queue_keys(Q_BULK)  # one Redis list per priority step
+
         def drain(c: Any, jobs: list[JobSpec]) -> dict[str, Any]:
-            count = c.redis.llen(Q_BULK)
+            count = sum(int(c.redis.llen(k)) for k in keys)
             if count != len(jobs):
                 raise RuntimeError(f"{count} messages in {Q_BULK}, expected {len(jobs)}")
-            sample = json.loads(c.redis.lindex(Q_BULK, -1))  # the first one sent
-            c.redis.delete(Q_BULK)
+            first = next(k for k in keys if c.redis.llen(k))
+            sample = json.loads(c.redis.lindex(first, -1))  # the first one sent
+            c.redis.delete(*keys)
             with c.redis.pipeline(transaction=False) as pipe:
                 for s in jobs:
                     pipe.delete(CLAIM_KEY.format(job_id=s.job_id))
@@ -761,6 +765,7 @@ class Bench:
                     soft_time_limit=soft,
                     time_limit=hard,
                     expires=None,
+                    priority=contract.celery_priority(contract.DEFAULT_PRIORITY),
                 )
             seconds = time.perf_counter() - began
             sample = drain(c, jobs)
@@ -821,11 +826,12 @@ class Bench:
             "runs": [round(x, 4) for x in ratios],
             "messages_identical_but_ids": same_headers,
             "how": (
-                f"{self.bulk_n} real Celery messages per run onto queue {Q_BULK!r}, which no "
-                "worker consumes; after each timed run the bench counts them with LLEN (must "
-                "equal the jobs sent), compares the first message of each method (same "
-                "headers, properties and body apart from the job id and delivery tag), then "
-                "purges the queue (DEL) and the job-id claims. Only enqueueing is timed. One "
+                f"{self.bulk_n} real Celery messages per run onto queue {Q_BULK!r} (default "
+                "priority 5), which no worker consumes; after each timed run the bench counts "
+                "them with LLEN over the queue's priority lists (must equal the jobs sent), "
+                "compares the first message of each method (same headers, properties and body "
+                "apart from the job id, delivery tag and reply-to), then purges the queue "
+                "(DEL) and the job-id claims. Only enqueueing is timed. One "
                 "by one: client.celery.send_task per job with the arguments Client._enqueue "
                 "uses (no claim); bulk: producer.bulk.submit_bulk (validation and claims "
                 "included); client.submit each: validation + claim + send_task per job."
@@ -925,10 +931,10 @@ def _text(value: str | bytes) -> str:
 
 def _same_message(a: dict, b: dict, id_a: str, id_b: str) -> bool:  # type: ignore[type-arg]
     def norm(msg: dict, job_id: str) -> dict:  # type: ignore[type-arg]
+        msg = {**msg, "body": json.loads(base64.b64decode(msg["body"]))}
         out = json.loads(json.dumps(msg).replace(job_id, "<id>"))
         out["properties"].pop("delivery_tag", None)
         out["properties"].pop("reply_to", None)  # per Celery app: each method has its client
-        out.pop("body", None)  # base64 of the job: differs by the id only (checked by tests)
         return out  # type: ignore[no-any-return]
 
     same = norm(a, id_a) == norm(b, id_b)

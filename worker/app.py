@@ -62,6 +62,12 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
 
 app = create_app()
 
+if WorkerSettings().metrics_port:
+    # Before anything imports prometheus_client, and before the pool forks.
+    from worker.metrics import prepare_multiprocess_dir
+
+    prepare_multiprocess_dir()
+
 
 @worker_process_init.connect
 def _warm_up_in_child(**_: Any) -> None:
@@ -98,6 +104,13 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
         settings.heartbeat_ttl_s,
     )
     _heartbeat.start()
+    if settings.metrics_port:
+        from worker.metrics import serve
+
+        try:
+            serve(settings.metrics_port)
+        except OSError as exc:
+            log.error("cannot serve metrics on port %d: %s", settings.metrics_port, exc)
 
 
 @worker_shutdown.connect

@@ -151,6 +151,7 @@ class JobRunner:
             return cached, worker_info, {"generate_s": 0.0, "reused_from_spool": 1.0}
 
         step_cb = self._step_reporter(spec, on_progress, is_cancelled)
+        queue_wait = time.time() - spec.submitted_at if spec.submitted_at else None
         if self.batcher is not None:
             generated = self.batcher.generate(spec, step_cb)
         else:
@@ -167,7 +168,10 @@ class JobRunner:
         ]
         self._write_spool(spool, spec, pngs)
         jlog.info("generated %d image(s) in %.2f s", len(pngs), generated.timings["generate_s"])
-        return pngs, worker_info, dict(generated.timings)
+        timings = dict(generated.timings)
+        if queue_wait is not None:
+            timings["queue_wait_s"] = max(0.0, queue_wait)
+        return pngs, worker_info, timings
 
     def _store(
         self,

@@ -68,6 +68,9 @@ class WorkerSettings(FleetSettings):
     batch_wait_s: float = Field(
         0.0, description="How long a job may wait for compatible company (0: never waits)."
     )
+    metrics_port: int | None = Field(
+        None, description="Serve Prometheus metrics on this port (main process); empty: off."
+    )
     heartbeat_interval_s: float = Field(10.0, description="How often the heartbeat is refreshed.")
     heartbeat_ttl_s: int = Field(30, description="A worker whose heartbeat is older is unhealthy.")
     progress_interval_s: float = Field(0.5, description="Least time between progress updates.")

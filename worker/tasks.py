@@ -127,6 +127,7 @@ def generate(self: Task, job: Any = None, **unexpected: Any) -> dict[str, Any]:
             is_cancelled=_cancel_checker(job),
         )
         notify(job, result)
+        _record_metrics(job, result, runner)
         return result
     except StorageError as exc:
         raise _retry_storage(self, job, exc) from exc
@@ -191,7 +192,26 @@ def _retry_storage(task: Task, job: Any, exc: StorageError) -> Exception:
     return task.retry(exc=exc, countdown=delay)
 
 
+def _record_metrics(job: Any, result: dict[str, Any], runner: JobRunner) -> None:
+    from worker.metrics import get_metrics
+
+    metrics = get_metrics()
+    if metrics is None:
+        return
+    try:
+        steps = int(job.get("steps") or 0) if isinstance(job, dict) else 0
+        metrics.job_done(result, steps, str(get_settings().served_model))
+        metrics.engine_facts(runner.engine.describe())
+    except Exception as exc:  # metrics never fail a job
+        log.warning("metrics update failed: %s", exc)
+
+
 def _notify_failure(job: Any, exc: Exception) -> None:
+    from worker.metrics import get_metrics
+
+    metrics = get_metrics()
+    if metrics is not None:
+        metrics.job_failed(type(exc).__name__)
     job_id = job.get("job_id") if isinstance(job, dict) else None
     if isinstance(job_id, str):
         notify(job, {"schema_version": 1, "job_id": job_id, "status": "failed",

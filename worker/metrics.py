@@ -1,0 +1,109 @@
+"""Prometheus metrics of a worker: images, seconds per image and step, queue wait, failures by
+reason, model load time, device memory.
+
+The pool child records them; the worker's main process serves them on FLEET_METRICS_PORT, in
+prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set before the pool forks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def prepare_multiprocess_dir() -> str:
+    """Set PROMETHEUS_MULTIPROC_DIR (a fresh folder) before prometheus_client is imported."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        path = tempfile.mkdtemp(prefix="fleet-metrics-")
+        os.environ[MULTIPROC_ENV] = path
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path, exist_ok=True)
+    return path
+
+
+def serve(port: int) -> None:
+    """Serve the metrics of every process of this worker on ``port`` (main process)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    start_http_server(port, addr=os.environ.get("FLEET_METRICS_ADDR", "0.0.0.0"),
+                      registry=registry)  # fmt: skip
+    log.info("metrics on :%d/metrics", port)
+
+
+class Metrics:
+    """The fleet's metrics, created lazily in the process that records them."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.images = Counter("fleet_images_total", "Images generated and stored", ["model"])
+        self.jobs = Counter("fleet_jobs_total", "Jobs finished, by outcome", ["outcome"])
+        self.failures = Counter("fleet_failures_total", "Failed jobs by reason", ["reason"])
+        self.seconds_per_image = Histogram(
+            "fleet_seconds_per_image", "Generation seconds per image",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+        )  # fmt: skip
+        self.seconds_per_step = Histogram(
+            "fleet_seconds_per_step", "Generation seconds per denoising step",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2),
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "fleet_queue_wait_seconds", "From submit to the start of generation",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 1800),
+        )  # fmt: skip
+        self.model_load = Gauge("fleet_model_load_seconds", "Seconds the pipeline took to load",
+                                multiprocess_mode="max")  # fmt: skip
+        self.device_memory = Gauge("fleet_device_memory_bytes", "CUDA memory allocated",
+                                   multiprocess_mode="max")  # fmt: skip
+
+    def job_done(self, result: dict[str, Any], steps: int, model: str) -> None:
+        outcome = str(result.get("status"))
+        self.jobs.labels(outcome).inc()
+        if outcome != "succeeded":
+            return
+        images = len(result.get("images") or [])
+        timings = result.get("timings") or {}
+        self.images.labels(model).inc(images)
+        if "queue_wait_s" in timings:
+            self.queue_wait.observe(timings["queue_wait_s"])
+        if "per_image_s" in timings and not timings.get("reused_from_spool"):
+            self.seconds_per_image.observe(timings["per_image_s"])
+            if steps:
+                self.seconds_per_step.observe(timings["generate_s"] / steps)
+
+    def job_failed(self, reason: str) -> None:
+        self.jobs.labels("failed").inc()
+        self.failures.labels(reason).inc()
+
+    def engine_facts(self, info: dict[str, Any]) -> None:
+        if info.get("load_seconds"):
+            self.model_load.set(info["load_seconds"])
+        if str(info.get("device", "")).startswith("cuda"):
+            import torch
+
+            self.device_memory.set(torch.cuda.memory_allocated())
+
+
+_metrics: Metrics | None = None
+
+
+def get_metrics() -> Metrics | None:
+    """The metrics of this process, or None when FLEET_METRICS_PORT is not set."""
+    global _metrics
+    if not os.environ.get(MULTIPROC_ENV) or not os.environ.get("FLEET_METRICS_PORT"):
+        return None
+    if _metrics is None:
+        _metrics = Metrics()
+    return _metrics
