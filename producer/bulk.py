@@ -24,6 +24,7 @@ backend); ``JobHandle.wait`` and ``Client.status`` read the stored state, and
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -173,6 +174,7 @@ def _publish(
         )
         for name in dict.fromkeys(queues)
     }
+    stamp = "submitted_at" in JobSpec.model_fields
     create_message = amqp.create_task_message
     send_message = amqp.send_task_message  # a property that builds the sender: fetch it once
     with app.producer_or_acquire() as producer:
@@ -197,7 +199,10 @@ def _publish(
                     options: dict[str, Any] = dict(routes[queues[i]])
                     if deadline_s is not None:
                         options["expiration"] = max(float(deadline_s), 0.0)
-                    kwargs = {"job": spec.model_dump(mode="json")}
+                    job = spec.model_dump(mode="json")
+                    if stamp:
+                        job["submitted_at"] = time.time()  # as Client._enqueue: queue-wait metric
+                    kwargs = {"job": job}
                     message = create_message(
                         spec.job_id,
                         contract.TASK_GENERATE,

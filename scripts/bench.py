@@ -735,6 +735,7 @@ class Bench:
             ]
 
         keys = contract.queue_keys(Q_BULK)  # one Redis list per priority step
+        stamp = "submitted_at" in JobSpec.model_fields  # what Client._enqueue sends
 
         def drain(c: Any, jobs: list[JobSpec]) -> dict[str, Any]:
             count = sum(int(c.redis.llen(k)) for k in keys)
@@ -757,9 +758,12 @@ class Bench:
                 soft, hard = contract.time_limits(
                     s, settings.job_time_base_s, settings.job_time_per_mpx_step_s
                 )
+                job = s.model_dump(mode="json")
+                if stamp:
+                    job["submitted_at"] = time.time()
                 c.celery.send_task(
                     contract.TASK_GENERATE,
-                    kwargs={"job": s.model_dump(mode="json")},
+                    kwargs={"job": job},
                     queue=Q_BULK,
                     task_id=s.job_id,
                     soft_time_limit=soft,
@@ -931,8 +935,13 @@ def _text(value: str | bytes) -> str:
 
 def _same_message(a: dict, b: dict, id_a: str, id_b: str) -> bool:  # type: ignore[type-arg]
     def norm(msg: dict, job_id: str) -> dict:  # type: ignore[type-arg]
-        msg = {**msg, "body": json.loads(base64.b64decode(msg["body"]))}
+        body = json.loads(base64.b64decode(msg["body"]))
+        with contextlib.suppress(LookupError, TypeError, AttributeError):
+            body[1]["job"]["submitted_at"] = bool(body[1]["job"]["submitted_at"])  # a time
+        msg = {**msg, "body": body}
         out = json.loads(json.dumps(msg).replace(job_id, "<id>"))
+        with contextlib.suppress(LookupError, TypeError):  # kwargsrepr shows the time too
+            out["headers"]["kwargsrepr"] = out["headers"]["kwargsrepr"].split("'submitted_at'")[0]
         out["properties"].pop("delivery_tag", None)
         out["properties"].pop("reply_to", None)  # per Celery app: each method has its client
         return out  # type: ignore[no-any-return]

@@ -7,7 +7,14 @@ import threading
 from typing import Any
 
 from celery import Celery
-from celery.signals import task_revoked, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    task_revoked,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 
 from producer.contract import DEFAULT_QUEUE, PRIORITY_TRANSPORT_OPTIONS
 from worker.heartbeat import Heartbeat
@@ -67,6 +74,15 @@ if WorkerSettings().metrics_port:
     from worker.metrics import prepare_multiprocess_dir
 
     prepare_multiprocess_dir()
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _json_logs(logger: logging.Logger | None = None, **_: Any) -> None:
+    if logger is not None and WorkerSettings().log_format == "json":
+        from worker.logs import use_json
+
+        use_json(logger)
 
 
 @worker_process_init.connect

@@ -26,10 +26,12 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 
 
 class JobLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Puts the job id and task id in front of every line of the worker loop."""
+    """Puts the job id and task id in front of every line of the worker loop, and job id, task
+    id, queue and device on the record for JSON logs (FLEET_LOG_FORMAT=json)."""
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
-        extra = self.extra or {}
+        extra = dict(self.extra or {})
+        kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
         return f"[job={extra.get('job_id')} task={extra.get('task_id')}] {msg}", kwargs
 
 
@@ -57,10 +59,12 @@ class JobRunner:
         on_progress: ProgressCallback | None = None,
         node: str | None = None,
         is_cancelled: Callable[[], bool] | None = None,
+        queue: str | None = None,
     ) -> dict[str, Any]:
         """Run one job and return its JobResult as JSON-ready dict. Raises FleetError on failure."""
         job_id = job.get("job_id") if isinstance(job, dict) else None
-        jlog = JobLog(log, {"job_id": job_id, "task_id": task_id})
+        device = self.engine.placement.device if self.engine.placement else self.settings.device
+        jlog = JobLog(log, {"job_id": job_id, "task_id": task_id, "queue": queue, "device": device})
         started = time.perf_counter()
         try:
             spec = validate_job(job, self.settings.limits())

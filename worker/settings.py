@@ -68,6 +68,9 @@ class WorkerSettings(FleetSettings):
     batch_wait_s: float = Field(
         0.0, description="How long a job may wait for compatible company (0: never waits)."
     )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object a line with job id, task id, queue, device."
+    )
     metrics_port: int | None = Field(
         None, description="Serve Prometheus metrics on this port (main process); empty: off."
     )

@@ -125,6 +125,7 @@ def generate(self: Task, job: Any = None, **unexpected: Any) -> dict[str, Any]:
             on_progress=progress,
             node=self.request.hostname,
             is_cancelled=_cancel_checker(job),
+            queue=(self.request.delivery_info or {}).get("routing_key"),
         )
         notify(job, result)
         _record_metrics(job, result, runner)
