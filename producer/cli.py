@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--wait", action="store_true", help="wait and print the new images")
     _add_wait_options(rp)
 
+    g = sub.add_parser("gallery", help="an HTML page and a contact sheet of jobs' images")
+    g.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    g.add_argument("--output", type=Path, required=True, help="folder for index.html")
+
     st2 = sub.add_parser("stats", help="queue depths and workers with their device and job")
     st2.add_argument("--json", action="store_true", help="print JSON")
 
@@ -143,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
                 if args.wait:
                     return cmd_wait(client, [handle.job_id], args, out, err)
                 out.print(handle.job_id)
+                return EXIT_OK
+            if args.command == "gallery":
+                from producer.gallery import write_gallery
+
+                page, sheet = write_gallery(client, args.job_ids, args.output)
+                out.print(f"gallery: {page}\ncontact sheet: {sheet}")
                 return EXIT_OK
             if args.command == "stats":
                 return cmd_stats(client, args, out)

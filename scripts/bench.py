@@ -441,6 +441,61 @@ def cpu_busy(seconds: float = 1.0) -> float | None:
     return round(1 - (i2 - i1) / max(1, t2 - t1), 3)
 
 
+def _machine_busy_s() -> float:
+    """CPU-seconds all CPUs have been busy since boot (/proc/stat, guests not counted twice)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU-seconds used by this process and everything it started (workers, Redis, S3...)."""
+    parent: dict[int, int] = {}
+    used: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            rest = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        pid = int(entry.name)
+        parent[pid] = int(rest[1])
+        used[pid] = (int(rest[11]) + int(rest[12])) / tick  # utime + stime
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        total += used.get(pid, 0.0)
+        todo += children.get(pid, [])
+    return total
+
+
+class CpuWatch:
+    """How much of the machine other processes (not this bench's) used during a block."""
+
+    def __enter__(self) -> CpuWatch:
+        self.foreign: float | None = None
+        try:
+            self._start = (time.monotonic(), _machine_busy_s(), _own_cpu_s())
+        except (OSError, ValueError, IndexError):
+            self._start = None  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._start is None:
+            return
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            t0, busy0, own0 = self._start
+            elapsed = time.monotonic() - t0
+            busy, own = _machine_busy_s() - busy0, _own_cpu_s() - own0
+            cpus = os.cpu_count() or 1
+            self.foreign = round(max(0.0, busy - own) / max(elapsed * cpus, 1e-9), 4)
+
+
 def loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -480,6 +535,8 @@ class Bench:
         self.clients: list[Any] = []
         self.services: Any = None
         self.notes: list[str] = []
+        #: per phase: the share of all CPUs other processes used while it was measured
+        self.other_cpu: dict[str, list[float | None]] = {}
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -582,14 +639,16 @@ class Bench:
                 order.insert(1, "one2")
             for what in order:
                 specs = job_specs(self.n, self.size, self.steps, tag=what)
-                if what == "inproc":
-                    row["inproc"] = inproc_run(self.pipe, self.n, self.size, self.steps)
-                elif what == "fleet":
-                    row["fleet"] = fleet_run(self.c_eff, specs, timeout)
-                elif what == "one2":
-                    row["one2"] = fleet_run(self.c_one, specs, timeout)
-                else:
-                    row["two"] = fleet_run(self.c_two, specs, timeout)
+                with CpuWatch() as watch:
+                    if what == "inproc":
+                        row[what] = inproc_run(self.pipe, self.n, self.size, self.steps)
+                    elif what == "fleet":
+                        row[what] = fleet_run(self.c_eff, specs, timeout)
+                    elif what == "one2":
+                        row[what] = fleet_run(self.c_one, specs, timeout)
+                    else:
+                        row[what] = fleet_run(self.c_two, specs, timeout)
+                row[what]["other_cpu"] = watch.foreign
             one2 = row["fleet"] if self.threads == 2 else row["one2"]
             row["efficiency"] = row["fleet"]["images_per_s"] / row["inproc"]["images_per_s"]
             row["scale_out"] = row["two"]["images_per_s"] / one2["images_per_s"]
@@ -601,6 +660,9 @@ class Bench:
                 f"workers {row['two']['images_per_s']:.3f} img/s (x{row['scale_out']:.3f} of one "
                 f"2-thread worker)"
             )
+        self.other_cpu["throughput"] = [
+            x["other_cpu"] for r in runs for x in r.values() if isinstance(x, dict)
+        ]
         eff = [r["efficiency"] for r in runs]
         per_job_fleet = median([r["fleet"]["seconds"] / self.n for r in runs])
         per_job_inproc = median([r["inproc"]["seconds"] / self.n for r in runs])
@@ -853,9 +915,15 @@ class Bench:
         self.start()
         self.warm_up()
         efficiency, scale_out = self.throughput()
-        batching = self.batching()
-        latency = self.idle_latency()
-        bulk = self.bulk()
+        with CpuWatch() as watch:
+            batching = self.batching()
+        self.other_cpu["batching"] = [watch.foreign]
+        with CpuWatch() as watch:
+            latency = self.idle_latency()
+        self.other_cpu["idle_latency"] = [watch.foreign]
+        with CpuWatch() as watch:
+            bulk = self.bulk()
+        self.other_cpu["bulk_enqueue"] = [watch.foreign]
         load_after = loadavg()
         figures = {
             "fleet_efficiency": efficiency,
@@ -886,6 +954,15 @@ class Bench:
                 "cores": os.cpu_count(),
                 "platform": platform.platform(),
                 "cpu_busy_before_start": busy_before,
+                "other_processes_cpu_share": {
+                    phase: {
+                        "median": median([x for x in vals if x is not None])
+                        if any(x is not None for x in vals)
+                        else None,
+                        "max": max((x for x in vals if x is not None), default=None),
+                    }
+                    for phase, vals in self.other_cpu.items()
+                },
                 "loadavg_before": load_before,
                 "loadavg_after": load_after,
             },
@@ -972,11 +1049,12 @@ def _met(fig: dict[str, Any]) -> str:
 def explain_misses(res: dict[str, Any]) -> list[str]:
     f = res["figures"]
     out: list[str] = []
-    busy = res["machine"].get("cpu_busy_before_start")
+    share = res["machine"].get("other_processes_cpu_share", {}).get("throughput", {})
+    other = share.get("median")
     busy_text = (
-        f" Before the bench started, {100 * busy:.0f}% of the CPUs were already busy with other "
-        "work on this machine, which falls on the same 2 cores."
-        if busy is not None and busy > 0.15
+        f" Other processes on this machine used a median {100 * other:.0f}% of all CPUs during "
+        "these runs, taken from the same cores as the measured work."
+        if other is not None and other > 0.05
         else ""
     )
     e = f["fleet_efficiency"]
@@ -1029,14 +1107,24 @@ def explain_misses(res: dict[str, Any]) -> list[str]:
 
 def noise_notes(res: dict[str, Any]) -> list[str]:
     notes = []
-    busy = res["machine"].get("cpu_busy_before_start")
+    m = res["machine"]
+    busy = m.get("cpu_busy_before_start")
     if busy is not None and busy > 0.15:
         notes.append(
             f"The machine was not idle: {100 * busy:.0f}% of all CPUs were busy before the "
-            f"bench started (load average {res['machine']['loadavg_before']} before, "
-            f"{res['machine']['loadavg_after']} after). Other work shares these cores, so the "
-            "figures are noisier than on an idle machine."
+            f"bench started (load average {m['loadavg_before']} before, {m['loadavg_after']} "
+            "after)."
         )
+    for phase, share in m.get("other_processes_cpu_share", {}).items():
+        top = share.get("max")
+        if top is not None and top > 0.05:
+            notes.append(
+                f"During the {phase.replace('_', ' ')} measurements, processes other than the "
+                f"bench's own used up to {100 * top:.0f}% (median "
+                f"{100 * (share.get('median') or 0):.0f}%) of all CPUs: they compete with the "
+                "measured work on the same cores, so those figures are noisier than on an idle "
+                "machine."
+            )
     for name, fig in res["figures"].items():
         if fig.get("spread", 0) > 0.10:
             notes.append(
@@ -1068,6 +1156,12 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         f"- CPU: {m['cpu_model']}, {m['cores']} cores ({m['platform']}), no GPU: all on CPU",
         f"- busy before start: {_fmt(m['cpu_busy_before_start'], 2)} of all CPUs; load average "
         f"before {m['loadavg_before']}, after {m['loadavg_after']}",
+        "- share of all CPUs used by other processes (not the bench's) while measuring: "
+        + ", ".join(
+            f"{phase.replace('_', ' ')} median {_fmt(v.get('median'), 2)} / max "
+            f"{_fmt(v.get('max'), 2)}"
+            for phase, v in m.get("other_processes_cpu_share", {}).items()
+        ),
         f"- versions: torch {v['torch']}, diffusers {v['diffusers']}, transformers "
         f"{v['transformers']}, celery {v['celery']}, kombu {v['kombu']}, redis-py {v['redis']}, "
         f"Python {v['python']}",
