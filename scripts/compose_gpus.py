@@ -236,6 +236,14 @@ services:
       FLEET_PLACEMENT: pinned
       FLEET_TORCH_THREADS: ${{FLEET_TORCH_THREADS:-}}
 
+  # Webhook deliveries (docs/webhooks.md) on their own light queue, so no job waits on them.
+  worker-webhooks:
+    <<: *worker
+    command: {webhooks_command}
+    environment:
+      <<: *worker-env
+      FLEET_DEVICE: cpu
+
 configs:
   # SeaweedFS's S3 identities, filled in from .env when compose starts the stack. Use keys
   # without quotes or backslashes (e.g. `openssl rand -hex 20`): they are pasted into JSON.
@@ -280,6 +288,13 @@ GPU_WORKER = """
 """
 
 
+#: The webhooks worker: threads pool, many deliveries at once (see docs/webhooks.md).
+WEBHOOKS_ARGV = (
+    "celery -A worker.app worker --pool threads --concurrency 8 --queues fleet.webhooks "
+    "--hostname hooks@%h --loglevel INFO --without-gossip --without-mingle"
+)
+
+
 def worker_argv(queue: str, node: str) -> list[str]:
     """The documented worker command line (README), for one queue and Celery node name."""
     return WORKER_ARGV.format(queue=queue, node=node).split()
@@ -322,6 +337,7 @@ def render(
         grace=stop_grace_period,
         gpu_workers=gpu_workers,
         balanced_command=_flow(worker_argv("fleet.balanced", "balanced")),
+        webhooks_command=_flow(WEBHOOKS_ARGV.split()),
         balanced_ids=_flow([str(i) for i in balanced]),
         cpu_command=_flow(worker_argv("fleet", "cpu")),
     )

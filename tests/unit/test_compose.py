@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from producer.contract import DEFAULT_QUEUE
+from producer.contract import DEFAULT_QUEUE, WEBHOOK_QUEUE
 from tests.fleet_fixtures import REPO, worker_command
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -164,14 +164,16 @@ def test_compose_config_fails_on_a_broken_file(tmp_path: Path) -> None:
 
 def test_profiles_gpu_cpu_balanced_and_no_profile_for_services(config: dict) -> None:
     services = config["services"]
-    for name in ("redis", "s3", "flower"):
+    for name in ("redis", "s3", "flower", "worker-webhooks"):
         assert not services[name].get("profiles"), name
     assert set(gpu_workers(config)) == {"worker-gpu0", "worker-gpu1"}
     for name, svc in gpu_workers(config).items():
         assert svc["profiles"] == ["gpu"], name
     assert services["worker-balanced"]["profiles"] == ["balanced"]
     assert services["worker-cpu"]["profiles"] == ["cpu"]
-    assert set(workers(config)) == {"worker-gpu0", "worker-gpu1", "worker-balanced", "worker-cpu"}
+    assert set(workers(config)) == {
+        "worker-gpu0", "worker-gpu1", "worker-balanced", "worker-cpu", "worker-webhooks"
+    }  # fmt: skip
 
 
 def test_each_gpu_worker_reserves_its_own_gpu(config: dict) -> None:
@@ -204,12 +206,16 @@ def test_worker_commands_are_the_documented_command_on_real_entry_points(config:
     for name, svc in workers(config).items():
         argv = svc["command"]
         queue, node = option(argv, "--queues"), option(argv, "--hostname")
-        assert queue == (BALANCED_QUEUE if name == "worker-balanced" else DEFAULT_QUEUE), name
         assert node.endswith("@%h"), name
+        nodes.append(node.split("@")[0])
+        if name == "worker-webhooks":  # a light threads-pool worker for deliveries
+            assert queue == WEBHOOK_QUEUE
+            assert argv == worker_command(node, queue, pool="threads", concurrency=8)[2:]
+            continue
+        assert queue == (BALANCED_QUEUE if name == "worker-balanced" else DEFAULT_QUEUE), name
         # The same argv as the README's and the test fixtures' command, minus `python -m`.
         assert argv == worker_command(node, queue)[2:], name
-        nodes.append(node.split("@")[0])
-    assert sorted(nodes) == ["balanced", "cpu", "gpu0", "gpu1"]
+    assert sorted(nodes) == ["balanced", "cpu", "gpu0", "gpu1", "hooks"]
 
 
 def test_health_checks_and_healthy_dependencies(config: dict) -> None:
