@@ -65,6 +65,10 @@ class JobTimedOut(FleetError):
     """The job ran past its soft time limit and was stopped."""
 
 
+class DeviceOutOfMemory(FleetError):
+    """The device ran out of memory for this pipeline call (CUDA OOM)."""
+
+
 class JobCancelled(FleetError):
     """The job was cancelled (``producer cancel``); raised inside the worker to stop it."""
 

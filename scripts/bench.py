@@ -999,6 +999,8 @@ class Bench:
             t.join(60)
         if self.services is not None:
             with contextlib.suppress(Exception):
+                self.services.s3.kill()  # its data is thrown away: no need for a slow stop
+            with contextlib.suppress(Exception):
                 self.services.stop()
         if keep_dir:
             log(f"logs kept in {self.run_dir}")
@@ -1060,20 +1062,26 @@ def explain_misses(res: dict[str, Any]) -> list[str]:
     e = f["fleet_efficiency"]
     if e["met"] is False:
         p = e["per_job_ms"]
+        fixed = p["worker_store_and_png"] + p["dispatch_and_result"]
+        image = p["in_process_generate"]
+        ceiling = image / (image + fixed) if image + fixed > 0 else 0.0
         out.append(
-            f"**Fleet efficiency {e['value']:.3f} (goal {e['goal']}).** Per job the fleet takes "
-            f"{p['fleet_wall']:.0f} ms against {p['in_process_wall']:.0f} ms in one process, "
-            f"{p['extra']:.0f} ms more: the diffusion itself takes {p['worker_generate']:.0f} ms "
-            f"in the worker vs {p['in_process_generate']:.0f} ms in process "
-            f"({p['slower_generate_in_worker']:+.0f} ms), PNG encoding + S3 uploads + manifest "
-            f"{p['worker_store_and_png']:.0f} ms (uploads alone {p['worker_upload']:.0f} ms), "
-            f"and queue hand-off, Celery bookkeeping and the result reaching the client "
-            f"{p['dispatch_and_result']:.0f} ms. With a {p['in_process_generate']:.0f} ms "
-            "image the fixed per-job work (store with recipe, manifest, progress and result "
-            "writes, SeaweedFS and Redis serving them on the same 2 cores as torch's 2 "
-            "threads) is a few percent; it shrinks relative to bigger images or GPU workers "
-            "whose storing overlaps nothing either, so batching or overlapping the upload with "
-            "the next job is what would close the gap." + busy_text
+            f"**Fleet efficiency {e['value']:.3f} (goal {e['goal']}).** The fleet does fixed "
+            f"work per job that the in-process loop does not: PNG encoding with the recipe, "
+            f"S3 uploads of the image and the manifest and the failure-index cleanup "
+            f"({p['worker_store_and_png']:.0f} ms, uploads alone {p['worker_upload']:.0f} ms), "
+            f"then the Celery result, acknowledgement and hand-off of the next message "
+            f"({p['dispatch_and_result']:.0f} ms): {fixed:.0f} ms per job, not overlapped with "
+            f"the diffusion (a worker generates, stores, then takes the next job). Against a "
+            f"{image:.0f} ms image (the 128 px random-weight test model) that alone caps the "
+            f"ratio near {ceiling:.3f}; the goal leaves {0.02 * image / 0.98:.0f} ms per job. "
+            f"The diffusion itself took {p['worker_generate']:.0f} ms in the worker vs "
+            f"{image:.0f} ms in process ({p['slower_generate_in_worker']:+.0f} ms; the worker "
+            "shares the 2 cores with its Celery parent, SeaweedFS and Redis). With real models "
+            "(seconds per image) the same fixed cost is well under 2%; on this machine, "
+            "overlapping the upload with the next job (or batching) is what would close the "
+            "gap. The ratio is the median of per-run ratios; the per-job figures are medians "
+            "of each quantity over the runs." + busy_text
         )
     s = f["scale_out"]
     if s["met"] is False:

@@ -16,7 +16,7 @@ import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
 from producer.contract import JobSpec
-from producer.errors import GenerationError, JobCancelled, JobValidationError
+from producer.errors import DeviceOutOfMemory, GenerationError, JobCancelled, JobValidationError
 from worker.placement import Placement
 from worker.settings import WorkerSettings
 
@@ -128,6 +128,13 @@ class Engine:
                 out = self.pipe(**kwargs)
         except (SoftTimeLimitExceeded, JobCancelled):
             raise  # recorded as a timeout / a cancellation by the caller
+        except torch.cuda.OutOfMemoryError as exc:
+            self.release_memory()
+            count = sum(s.images for s in specs)
+            raise DeviceOutOfMemory(
+                f"out of device memory generating {count} image(s) of "
+                f"{specs[0].width}x{specs[0].height} in one call: {exc}"
+            ) from exc
         except ValueError as exc:
             # diffusers raises ValueError for inputs this model cannot take (e.g. a size).
             ids = ", ".join(s.job_id for s in specs)

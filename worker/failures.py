@@ -14,6 +14,7 @@ from producer import contract
 from producer.contract import JobResult
 from producer.errors import StorageError
 from producer.storage import ObjectStore
+from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +68,12 @@ def write_failure(store: ObjectStore, prefix: str, manifest: dict[str, Any]) -> 
 def clear_failure(store: ObjectStore, prefix: str, job_id: str) -> None:
     """A job that succeeded (e.g. after `producer retry`) leaves the failure index."""
     store.delete(contract.failure_key(job_id, prefix))
+
+
+def oom_fallback(settings: WorkerSettings, queue: str | None) -> str | None:
+    """Where a job that ran out of device memory at one image per call goes next: the
+    configured fallback queue, unless it already is there (then it fails: no loop)."""
+    fallback = settings.oom_fallback_queue
+    if fallback and queue != fallback:
+        return fallback
+    return None

@@ -12,11 +12,17 @@ from typing import Any
 
 from producer import contract
 from producer.contract import JobResult, JobSpec, validate_job
-from producer.errors import FleetError, JobCancelled, JobValidationError, StorageError
+from producer.errors import (
+    DeviceOutOfMemory,
+    FleetError,
+    JobCancelled,
+    JobValidationError,
+    StorageError,
+)
 from producer.storage import ObjectStore
 from worker.batcher import Batcher
-from worker.engine import Engine, StepCallback
-from worker.failures import clear_failure, raw_failure_manifest, write_failure
+from worker.engine import Engine, Generated, StepCallback
+from worker.failures import clear_failure, oom_fallback, raw_failure_manifest, write_failure
 from worker.recipe import build_manifest, image_recipe, png_bytes
 from worker.settings import WorkerSettings
 
@@ -102,6 +108,12 @@ class JobRunner:
         except JobCancelled as exc:
             self.engine.release_memory()
             return self.record_cancelled(spec, jlog, f"cancelled while generating: {exc}")
+        except DeviceOutOfMemory as exc:
+            if oom_fallback(self.settings, queue) is not None:
+                jlog.warning("%s; sending it to %s", exc, self.settings.oom_fallback_queue)
+                raise  # the task reroutes it: not a failure yet
+            self.record_failure(spec, exc, jlog)
+            raise
         except FleetError as exc:
             self.record_failure(spec, exc, jlog)
             raise
@@ -159,7 +171,7 @@ class JobRunner:
         if self.batcher is not None:
             generated = self.batcher.generate(spec, step_cb)
         else:
-            generated = self.engine.generate(spec, on_step=step_cb)
+            generated = self.generate_shrinking(spec, step_cb, jlog)
         worker_info["batch"] = {
             "jobs": len(generated.batch) or 1,
             "recipes": generated.batch or [{"job_id": spec.job_id, "seeds": spec.seeds()}],
@@ -176,6 +188,41 @@ class JobRunner:
         if queue_wait is not None:
             timings["queue_wait_s"] = max(0.0, queue_wait)
         return pngs, worker_info, timings
+
+    def generate_shrinking(
+        self, spec: JobSpec, step_cb: StepCallback | None, jlog: JobLog
+    ) -> Generated:
+        """Generate a job; on a device out-of-memory, again with fewer images per pipeline call
+        (halving down to one). Still out of memory at one image: DeviceOutOfMemory is raised
+        for the task to reroute or fail the job (bounded: no retry loop on this worker)."""
+        per_call = spec.images
+        while True:
+            try:
+                return self._generate_in_calls(spec, per_call, step_cb)
+            except DeviceOutOfMemory as exc:
+                if per_call == 1:
+                    raise
+                per_call = max(1, per_call // 2)
+                jlog.warning("%s; again with %d image(s) per call", exc, per_call)
+
+    def _generate_in_calls(
+        self, spec: JobSpec, per_call: int, step_cb: StepCallback | None
+    ) -> Generated:
+        if per_call >= spec.images:
+            return self.engine.generate(spec, on_step=step_cb)
+        images: list[Any] = []
+        timings: dict[str, float] = {"generate_s": 0.0}
+        for start in range(0, spec.images, per_call):
+            part = spec.model_copy(update={
+                "seed": contract.seed_for(spec.seed, start),
+                "images": min(per_call, spec.images - start),
+            })  # fmt: skip
+            out = self.engine.generate(part, on_step=step_cb)
+            images += out.images
+            timings["generate_s"] += out.timings["generate_s"]
+        timings["per_image_s"] = timings["generate_s"] / spec.images
+        timings["images_per_call"] = float(per_call)
+        return Generated(images=images, seeds=spec.seeds(), timings=timings)
 
     def _store(
         self,

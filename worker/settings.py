@@ -60,6 +60,11 @@ class WorkerSettings(FleetSettings):
     max_deliveries: int = Field(
         3, description="A job delivered this many times (its worker died each time) fails."
     )
+    oom_fallback_queue: str | None = Field(
+        None,
+        description="After a CUDA out-of-memory at one image per call, send the job to this "
+        "queue (e.g. fleet.balanced, served by a balanced or offloading worker).",
+    )
     batch_size: int = Field(
         1,
         description="Jobs generated together in one pipeline call (1: no batching). Run the "

@@ -14,6 +14,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from producer.contract import CANCEL_KEY, TASK_GENERATE
 from producer.errors import (
+    DeviceOutOfMemory,
     FleetError,
     JobTimedOut,
     JobValidationError,
@@ -22,6 +23,7 @@ from producer.errors import (
     TooManyDeliveries,
 )
 from worker.app import app
+from worker.failures import oom_fallback
 from worker.heartbeat import publish_info
 from worker.settings import WorkerSettings
 from worker.webhooks import notify
@@ -132,6 +134,14 @@ def generate(self: Task, job: Any = None, **unexpected: Any) -> dict[str, Any]:
         return result
     except StorageError as exc:
         raise _retry_storage(self, job, exc) from exc
+    except DeviceOutOfMemory as exc:
+        queue = (self.request.delivery_info or {}).get("routing_key")
+        fallback = oom_fallback(get_settings(), queue)
+        if fallback is None:
+            _notify_failure(job, exc)
+            raise
+        # Same task id, same message, on the queue of a balanced or offloading worker.
+        raise self.retry(exc=exc, queue=fallback, countdown=0) from exc
     except SoftTimeLimitExceeded:
         timeout = JobTimedOut(
             f"stopped after {time.perf_counter() - started:.1f} s: past its soft time limit "

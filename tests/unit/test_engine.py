@@ -108,3 +108,53 @@ def test_an_sdxl_shaped_pipeline_runs_through_the_same_engine(tmp_path: Path) ->
     assert [im.size for im in out.images] == [(64, 64), (64, 64)]
     again = e.generate(job(images=2, seed=3, negative_prompt="blurry", scheduler="euler_a"))
     assert np.asarray(again.images[1]).tobytes() == np.asarray(out.images[1]).tobytes()
+
+
+def test_out_of_memory_shrinks_the_call_then_reroutes_then_fails(engine: Engine) -> None:
+    """CUDA out-of-memory handling, on the CPU by injecting torch.cuda.OutOfMemoryError."""
+    import logging
+
+    import torch
+
+    from producer.errors import DeviceOutOfMemory
+    from worker.failures import oom_fallback
+    from worker.jobrunner import JobLog, JobRunner
+
+    real_pipe = engine.pipe
+    calls: list[int] = []
+
+    class PickyPipe:  # runs out of memory above `limit` images per call
+        limit = 1
+
+        def __init__(self) -> None:
+            self.scheduler = real_pipe.scheduler
+
+        def __call__(self, **kw):  # type: ignore[no-untyped-def]
+            calls.append(len(kw["generator"]))
+            real_pipe.scheduler = self.scheduler
+            if len(kw["generator"]) > self.limit:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+            return real_pipe(**kw)
+
+    picky = PickyPipe()
+    engine.pipe = picky
+    runner = JobRunner(engine.settings, engine, store=None)  # type: ignore[arg-type]
+    jlog = JobLog(logging.getLogger("test"), {})
+    try:
+        spec = job(images=4, seed=70)
+        out = runner.generate_shrinking(spec, None, jlog)
+        assert calls == [4, 2, 1, 1, 1, 1]  # halved until it fit
+        assert out.seeds == [70, 71, 72, 73] and len(out.images) == 4
+        assert out.timings["images_per_call"] == 1.0
+        alone = engine.generate(job(images=1, seed=72))  # image 2 is image "seed 72" alone
+        assert np.asarray(out.images[2]).tobytes() == np.asarray(alone.images[0]).tobytes()
+        picky.limit = 0  # not even one image fits
+        with pytest.raises(DeviceOutOfMemory, match="out of device memory generating 1 image"):
+            runner.generate_shrinking(job(images=1), None, jlog)
+    finally:
+        engine.pipe = real_pipe
+    # Then the job goes to the fallback queue once; already there, it fails (no loop).
+    settings = WorkerSettings(_env_file=None, oom_fallback_queue="fleet.balanced")
+    assert oom_fallback(settings, "fleet") == "fleet.balanced"
+    assert oom_fallback(settings, "fleet.balanced") is None
+    assert oom_fallback(WorkerSettings(_env_file=None), "fleet") is None
