@@ -523,7 +523,7 @@ class Bench:
         self.quick = args.quick
         self.threads = args.threads
         self.n = args.jobs or (6 if self.quick else 12)
-        self.repeats = args.repeats or (3 if self.quick else 5)
+        self.repeats = args.repeats or (3 if self.quick else 7)
         self.warmup = 1 if self.quick else 2
         self.size, self.steps = 128, 20
         self.bulk_n = args.bulk_jobs or (1000 if self.quick else 10_000)
@@ -1266,7 +1266,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="FLEET_TORCH_THREADS of both the fleet worker and the in-process loop (2)",
     )
     p.add_argument("--jobs", type=int, help="jobs per throughput run (12; quick 6)")
-    p.add_argument("--repeats", type=int, help="throughput runs (5; quick 3)")
+    p.add_argument("--repeats", type=int, help="throughput runs (7; quick 3)")
     p.add_argument("--bulk-jobs", type=int, help="jobs per bulk enqueue run (10000; quick 1000)")
     p.add_argument("--keep", action="store_true", help="keep worker logs (kept on failure)")
     p.add_argument("--role", choices=("main", "pipeline", "noop-worker"), default="main",

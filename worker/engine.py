@@ -19,6 +19,7 @@ from producer.contract import JobSpec
 from producer.errors import DeviceOutOfMemory, GenerationError, JobCancelled, JobValidationError
 from worker.placement import Placement
 from worker.settings import WorkerSettings
+from worker.speed import apply_speed_settings
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Engine:
         self._lock = threading.Lock()
         self._call_params: set[str] = set()
         self._base_scheduler_config: Any = None
+        self.speed: dict[str, Any] = {}
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -78,13 +80,28 @@ class Engine:
                 placement.dtype_name,
             )
             pipe = placement.load(self.settings)
+            self.speed = apply_speed_settings(pipe, self.settings, placement.device)
             self._call_params = set(inspect.signature(pipe.__call__).parameters)
             self._base_scheduler_config = pipe.scheduler.config
             self._base_scheduler = pipe.scheduler
             self.placement = placement
-            self.load_seconds = time.perf_counter() - started
             self.pipe = pipe
+            if self.settings.compile:
+                self._warm_up()
+            self.load_seconds = time.perf_counter() - started
             log.info("model ready in %.2f s: %s", self.load_seconds, type(pipe).__name__)
+
+    def _warm_up(self) -> None:
+        """One small generation so torch.compile compiles before the first job."""
+        from producer.contract import JobSpec
+
+        side = 64 * int(getattr(self.pipe, "vae_scale_factor", 8) or 8) // 8
+        spec = JobSpec(prompt="warm-up", width=max(64, side), height=max(64, side), steps=2)
+        started = time.perf_counter()
+        self.pipe.scheduler = self.scheduler_for("default")
+        with torch.inference_mode():
+            self.pipe(**self.batch_kwargs([spec]))
+        log.info("compiled and warmed up in %.1f s", time.perf_counter() - started)
 
     def describe(self) -> dict[str, Any]:
         """What this worker is: host, device, dtype, versions (for manifests and status)."""
@@ -102,6 +119,7 @@ class Engine:
             "python": platform.python_version(),
             "torch_threads": torch.get_num_threads(),
             "load_seconds": self.load_seconds,
+            "speed": self.speed,
         }
         if self.placement is not None:
             info.update(self.placement.describe())

@@ -60,6 +60,17 @@ class WorkerSettings(FleetSettings):
     max_deliveries: int = Field(
         3, description="A job delivered this many times (its worker died each time) fails."
     )
+    attention: Literal["sdpa", "default"] = Field(
+        "sdpa", description="sdpa: PyTorch scaled_dot_product_attention (AttnProcessor2_0)."
+    )
+    channels_last: bool = Field(False, description="UNet and VAE in channels_last layout.")
+    compile: bool = Field(
+        False, description="torch.compile the UNet/transformer, warmed up when the model loads."
+    )
+    compile_backend: str = Field("inductor", description="torch.compile backend.")
+    vae_slicing: bool = Field(False, description="Decode a batch one image at a time.")
+    vae_tiling: bool = Field(False, description="Decode large images in tiles (less memory).")
+    tf32: bool = Field(True, description="Allow TF32 matmuls on CUDA (Ampere and newer).")
     oom_fallback_queue: str | None = Field(
         None,
         description="After a CUDA out-of-memory at one image per call, send the job to this "

@@ -1,0 +1,62 @@
+"""GPU speed settings, applied to the tiny pipeline on the CPU and checked to take effect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from producer.contract import validate_job
+from worker.engine import Engine
+from worker.settings import WorkerSettings
+from worker.speed import apply_speed_settings
+
+
+def engine(model: Path, **kw) -> Engine:  # type: ignore[no-untyped-def]
+    e = Engine(WorkerSettings(_env_file=None, model=str(model), model_name="tiny",
+                              local_files_only=True, torch_threads=1, **kw))  # fmt: skip
+    e.setup()
+    return e
+
+
+def spec():  # type: ignore[no-untyped-def]
+    return validate_job({"prompt": "a fox", "width": 64, "height": 64, "steps": 3, "seed": 9})
+
+
+def test_sdpa_attention_channels_last_and_vae_slicing_tiling(tiny_model: Path) -> None:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    e = engine(tiny_model, channels_last=True, vae_slicing=True, vae_tiling=True)
+    procs = e.pipe.unet.attn_processors.values()
+    assert procs and all(isinstance(p, AttnProcessor2_0) for p in procs)
+    conv = e.pipe.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert e.pipe.vae.use_slicing and e.pipe.vae.use_tiling
+    assert e.describe()["speed"] == {"attention": "sdpa", "channels_last": True,
+                                     "vae_slicing": True, "vae_tiling": True}  # fmt: skip
+    assert e.generate(spec()).images[0].size == (64, 64)
+
+
+def test_compile_with_the_eager_backend_warms_up_and_gives_the_same_images(
+    tiny_model: Path,
+) -> None:
+    plain = engine(tiny_model)
+    compiled = engine(tiny_model, compile=True, compile_backend="eager")
+    assert type(compiled.pipe.unet).__name__ == "OptimizedModule"
+    assert compiled.describe()["speed"]["compile"] == "eager"
+    a = np.asarray(plain.generate(spec()).images[0])
+    b = np.asarray(compiled.generate(spec()).images[0])
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_tf32_is_enabled_on_cuda_only(tiny_model: Path) -> None:
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    e = engine(tiny_model)
+    settings = WorkerSettings(_env_file=None, tf32=True, attention="default")
+    try:
+        assert "tf32" not in apply_speed_settings(e.pipe, settings, "cpu")
+        assert apply_speed_settings(e.pipe, settings, "cuda:0") == {"tf32": True}
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -1,0 +1,62 @@
+"""GPU speed settings applied to a loaded pipeline: attention processor, channels_last,
+torch.compile of the denoiser (with a warm-up), VAE slicing/tiling, TF32."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from producer.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+def denoiser(pipe: Any) -> Any:
+    """The pipeline's denoising network: ``unet`` (SD, SDXL) or ``transformer`` (SD3, Flux)."""
+    return getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+
+
+def apply_speed_settings(pipe: Any, settings: WorkerSettings, device: str) -> dict[str, Any]:
+    """Apply the speed settings; returns what was applied (recorded in manifests)."""
+    applied: dict[str, Any] = {}
+    net = denoiser(pipe)
+    if settings.attention == "sdpa" and net is not None and hasattr(net, "set_attn_processor"):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        try:
+            net.set_attn_processor(AttnProcessor2_0())
+            applied["attention"] = "sdpa"
+        except (ValueError, TypeError) as exc:  # e.g. a transformer with its own processors
+            log.info("keeping the model's attention processors: %s", exc)
+    if settings.channels_last:
+        for name in ("unet", "vae"):
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
+        applied["channels_last"] = True
+    vae = getattr(pipe, "vae", None)
+    if settings.vae_slicing and vae is not None and hasattr(vae, "enable_slicing"):
+        vae.enable_slicing()
+        applied["vae_slicing"] = True
+    if settings.vae_tiling and vae is not None and hasattr(vae, "enable_tiling"):
+        vae.enable_tiling()
+        applied["vae_tiling"] = True
+    if device.startswith("cuda") and settings.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        applied["tf32"] = True
+    if settings.compile:
+        if net is None:
+            raise ConfigurationError("FLEET_COMPILE: this pipeline has no unet or transformer")
+        compiled = torch.compile(net, backend=settings.compile_backend)
+        if hasattr(pipe, "unet") and pipe.unet is not None:
+            pipe.unet = compiled
+        else:
+            pipe.transformer = compiled
+        applied["compile"] = settings.compile_backend
+    return applied
