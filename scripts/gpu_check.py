@@ -158,64 +158,40 @@ def seq_offload(medium: Path) -> dict:
     return {"s_per_image": round(t, 4)}
 
 
-@step("fleet_pinned_fp16_redis_s3")
-def fleet(medium: Path, workdir: Path) -> dict:
+def run_fleet(medium: Path, workdir: Path, batch: int) -> dict:
+    """Jobs through a real worker on cuda:0 with Redis and SeaweedFS; batch > 1: a batch worker."""
     from producer.client import Client
     from producer.contract import JobSpec
     from producer.local_services import local_services
     from producer.settings import ProducerSettings
 
-    with local_services(workdir=workdir / "services") as ep:
-        env = {
-            **os.environ,
-            **ep.env(),
-            "FLEET_MODEL": str(medium),
-            "FLEET_MODEL_NAME": "medium",
-            "FLEET_LOCAL_FILES_ONLY": "true",
-            "CUDA_VISIBLE_DEVICES": "0",
-            "PYTHONPATH": os.environ.get("PYTHONPATH", "") + f":{REPO}",
-        }
-        log = (workdir / "worker.log").open("w")
+    with local_services(workdir=workdir / f"services-b{batch}") as ep:
+        env = {**os.environ, **ep.env(), "FLEET_MODEL": str(medium), "FLEET_MODEL_NAME": "medium",
+               "FLEET_LOCAL_FILES_ONLY": "true", "CUDA_VISIBLE_DEVICES": "0",
+               "FLEET_BATCH_SIZE": str(batch),
+               "PYTHONPATH": os.environ.get("PYTHONPATH", "") + f":{REPO}"}  # fmt: skip
+        pool = ["--pool", "threads", "--concurrency", str(batch)] if batch > 1 else [
+            "--pool", "prefork", "--concurrency", "1"]  # fmt: skip
+        log = (workdir / f"worker-b{batch}.log").open("w")
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.app",
-                "worker",
-                "--pool",
-                "prefork",
-                "--concurrency",
-                "1",
-                "--queues",
-                "fleet",
-                "--hostname",
-                "gpu0@%h",
-                "--loglevel",
-                "INFO",
-                "--without-gossip",
-                "--without-mingle",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", *pool,
+             "--queues", "fleet", "--hostname", "gpu0@%h", "--loglevel", "INFO",
+             "--without-gossip", "--without-mingle"],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
         try:
             kw = {k.removeprefix("FLEET_").lower(): v for k, v in ep.env().items()}
             with Client(ProducerSettings(_env_file=None, **kw)) as client:
                 warm = client.submit(JobSpec(prompt="warm", width=512, height=512, steps=20))
                 warm.wait(timeout=180, raise_on_failure=True)
-                n = 8
+                n = 16
                 t = time.perf_counter()
                 handles = client.submit_many(
                     [JobSpec(prompt=f"p{i}", width=512, height=512, steps=20) for i in range(n)]
                 )
                 statuses = client.wait([h.job_id for h in handles], timeout=240)
                 fleet_s = time.perf_counter() - t
-                st = statuses[0]
-                manifest = client.store.get_json(st.result.manifest_key)
+                manifest = client.store.get_json(statuses[-1].result.manifest_key)
                 return {
                     "states": sorted({s.state for s in statuses}),
                     "images_per_s": round(n / fleet_s, 2),
@@ -223,13 +199,31 @@ def fleet(medium: Path, workdir: Path) -> dict:
                     "gpu_name": manifest["worker"].get("gpu_name"),
                     "dtype": manifest["worker"].get("dtype"),
                     "gpu_memory_bytes": manifest["worker"].get("gpu_memory_bytes"),
+                    "batch_jobs": manifest["worker"].get("batch", {}).get("jobs"),
                     "timings": manifest["timings"],
                 }
         finally:
             proc.terminate()
             proc.wait(30)
             log.close()
-            RESULTS.setdefault("worker_log_tail", (workdir / "worker.log").read_text()[-2000:])
+
+
+@step("fleet_pinned_fp16_redis_s3")
+def fleet(medium: Path, workdir: Path) -> dict:
+    out = run_fleet(medium, workdir, batch=1)
+    bare = RESULTS.get("pinned_fp16_in_process", {}).get("images_per_s_batch1")
+    if bare:
+        out["efficiency_vs_in_process_batch1"] = round(out["images_per_s"] / bare, 3)
+    return out
+
+
+@step("fleet_batch_worker_fp16")
+def fleet_batched(medium: Path, workdir: Path) -> dict:
+    out = run_fleet(medium, workdir, batch=4)
+    bare = RESULTS.get("pinned_fp16_in_process", {}).get("images_per_s_batch1")
+    if bare:
+        out["gain_vs_in_process_batch1"] = round(out["images_per_s"] / bare, 3)
+    return out
 
 
 def main() -> int:
@@ -255,6 +249,7 @@ def main() -> int:
     model_offload(medium)
     seq_offload(medium)
     fleet(medium, args.out)
+    fleet_batched(medium, args.out)
     (args.out / "gpu-check.json").write_text(json.dumps(RESULTS, indent=2, default=str))
     failed = [k for k, v in RESULTS.items() if isinstance(v, dict) and v.get("ok") is False]
     print("FAILED: " + ", ".join(failed) if failed else "ALL GPU CHECKS PASSED", flush=True)
