@@ -441,11 +441,14 @@ def cpu_busy(seconds: float = 1.0) -> float | None:
     return round(1 - (i2 - i1) / max(1, t2 - t1), 3)
 
 
-def _machine_busy_s() -> float:
-    """CPU-seconds all CPUs have been busy since boot (/proc/stat, guests not counted twice)."""
+def _machine_busy_s() -> tuple[float, float]:
+    """(busy, steal) CPU-seconds of all CPUs since boot (/proc/stat; guests not counted twice).
+    Steal is time the hypervisor gave this VM's CPUs to someone else."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
     idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+    steal = fields[7] if len(fields) > 7 else 0
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - idle - steal) / tick, steal / tick
 
 
 def _own_cpu_s() -> float:
@@ -479,8 +482,9 @@ class CpuWatch:
 
     def __enter__(self) -> CpuWatch:
         self.foreign: float | None = None
+        self.steal: float | None = None
         try:
-            self._start = (time.monotonic(), _machine_busy_s(), _own_cpu_s())
+            self._start = (time.monotonic(), *_machine_busy_s(), _own_cpu_s())
         except (OSError, ValueError, IndexError):
             self._start = None  # type: ignore[assignment]
         return self
@@ -489,11 +493,12 @@ class CpuWatch:
         if self._start is None:
             return
         with contextlib.suppress(OSError, ValueError, IndexError):
-            t0, busy0, own0 = self._start
-            elapsed = time.monotonic() - t0
-            busy, own = _machine_busy_s() - busy0, _own_cpu_s() - own0
-            cpus = os.cpu_count() or 1
-            self.foreign = round(max(0.0, busy - own) / max(elapsed * cpus, 1e-9), 4)
+            t0, busy0, steal0, own0 = self._start
+            elapsed = max(time.monotonic() - t0, 1e-9) * (os.cpu_count() or 1)
+            busy, steal = _machine_busy_s()
+            own = _own_cpu_s() - own0
+            self.foreign = round(max(0.0, busy - busy0 - own) / elapsed, 4)
+            self.steal = round(max(0.0, steal - steal0) / elapsed, 4)
 
 
 def loadavg() -> list[float] | None:
@@ -537,6 +542,8 @@ class Bench:
         self.notes: list[str] = []
         #: per phase: the share of all CPUs other processes used while it was measured
         self.other_cpu: dict[str, list[float | None]] = {}
+        #: per phase: the share of all CPUs the hypervisor gave to other guests (steal)
+        self.steal: dict[str, list[float | None]] = {}
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -649,6 +656,7 @@ class Bench:
                     else:
                         row[what] = fleet_run(self.c_two, specs, timeout)
                 row[what]["other_cpu"] = watch.foreign
+                row[what]["steal"] = watch.steal
             one2 = row["fleet"] if self.threads == 2 else row["one2"]
             row["efficiency"] = row["fleet"]["images_per_s"] / row["inproc"]["images_per_s"]
             row["scale_out"] = row["two"]["images_per_s"] / one2["images_per_s"]
@@ -662,6 +670,9 @@ class Bench:
             )
         self.other_cpu["throughput"] = [
             x["other_cpu"] for r in runs for x in r.values() if isinstance(x, dict)
+        ]
+        self.steal["throughput"] = [
+            x["steal"] for r in runs for x in r.values() if isinstance(x, dict)
         ]
         eff = [r["efficiency"] for r in runs]
         per_job_fleet = median([r["fleet"]["seconds"] / self.n for r in runs])
@@ -677,6 +688,8 @@ class Bench:
             "in_process_images_per_s": median([r["inproc"]["images_per_s"] for r in runs]),
             "runs": [round(x, 4) for x in eff],
             "spread": round(spread(eff), 4),
+            "fleet_runs_images_per_s": [round(r["fleet"]["images_per_s"], 4) for r in runs],
+            "in_process_runs_images_per_s": [round(r["inproc"]["images_per_s"], 4) for r in runs],
             "per_job_ms": {
                 "fleet_wall": 1000 * per_job_fleet,
                 "in_process_wall": 1000 * per_job_inproc,
@@ -918,12 +931,15 @@ class Bench:
         with CpuWatch() as watch:
             batching = self.batching()
         self.other_cpu["batching"] = [watch.foreign]
+        self.steal["batching"] = [watch.steal]
         with CpuWatch() as watch:
             latency = self.idle_latency()
         self.other_cpu["idle_latency"] = [watch.foreign]
+        self.steal["idle_latency"] = [watch.steal]
         with CpuWatch() as watch:
             bulk = self.bulk()
         self.other_cpu["bulk_enqueue"] = [watch.foreign]
+        self.steal["bulk_enqueue"] = [watch.steal]
         load_after = loadavg()
         figures = {
             "fleet_efficiency": efficiency,
@@ -954,15 +970,8 @@ class Bench:
                 "cores": os.cpu_count(),
                 "platform": platform.platform(),
                 "cpu_busy_before_start": busy_before,
-                "other_processes_cpu_share": {
-                    phase: {
-                        "median": median([x for x in vals if x is not None])
-                        if any(x is not None for x in vals)
-                        else None,
-                        "max": max((x for x in vals if x is not None), default=None),
-                    }
-                    for phase, vals in self.other_cpu.items()
-                },
+                "other_processes_cpu_share": _summary(self.other_cpu),
+                "steal_share": _summary(self.steal),
                 "loadavg_before": load_before,
                 "loadavg_after": load_after,
             },
@@ -1006,6 +1015,17 @@ class Bench:
             log(f"logs kept in {self.run_dir}")
         else:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _summary(per_phase: dict[str, list[float | None]]) -> dict[str, dict[str, float | None]]:
+    out: dict[str, dict[str, float | None]] = {}
+    for phase, values in per_phase.items():
+        known = [x for x in values if x is not None]
+        out[phase] = {
+            "median": median(known) if known else None,
+            "max": max(known) if known else None,
+        }
+    return out
 
 
 def _text(value: str | bytes) -> str:
@@ -1133,6 +1153,22 @@ def noise_notes(res: dict[str, Any]) -> list[str]:
                 "measured work on the same cores, so those figures are noisier than on an idle "
                 "machine."
             )
+    for phase, share in m.get("steal_share", {}).items():
+        top = share.get("max")
+        if top is not None and top > 0.02:
+            notes.append(
+                f"During the {phase.replace('_', ' ')} measurements the hypervisor took up to "
+                f"{100 * top:.0f}% of this VM's CPU time for other guests (steal)."
+            )
+    bare = res["figures"]["fleet_efficiency"].get("in_process_runs_images_per_s") or []
+    if len(bare) > 1 and spread(bare) > 0.05:
+        notes.append(
+            f"The bare in-process rate alone ranged from {min(bare):.3f} to {max(bare):.3f} "
+            f"images/s between runs ({100 * spread(bare):.0f}% of its median) with no fleet "
+            "involved: the speed of this machine itself drifts from one run to the next (a VM "
+            "on a shared host), which is why each ratio pairs measurements taken back to back "
+            "and the median over runs is reported."
+        )
     for name, fig in res["figures"].items():
         if fig.get("spread", 0) > 0.10:
             notes.append(
@@ -1169,6 +1205,11 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
             f"{phase.replace('_', ' ')} median {_fmt(v.get('median'), 2)} / max "
             f"{_fmt(v.get('max'), 2)}"
             for phase, v in m.get("other_processes_cpu_share", {}).items()
+        )
+        + "; hypervisor steal: "
+        + ", ".join(
+            f"{phase.replace('_', ' ')} max {_fmt(v.get('max'), 2)}"
+            for phase, v in m.get("steal_share", {}).items()
         ),
         f"- versions: torch {v['torch']}, diffusers {v['diffusers']}, transformers "
         f"{v['transformers']}, celery {v['celery']}, kombu {v['kombu']}, redis-py {v['redis']}, "

@@ -86,3 +86,30 @@ def store(fleet_env: dict):  # type: ignore[no-untyped-def]
     from producer.storage import ObjectStore
 
     return ObjectStore(ProducerSettings(_env_file=None, **settings_kwargs(fleet_env)))
+
+
+@pytest.fixture()
+def queue() -> str:
+    """A queue of this test's own, so workers of other tests never take its jobs."""
+    return f"fleet.t-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture()
+def qclient(fleet_env: dict, queue: str) -> Iterator:  # type: ignore[type-arg]
+    """A producer client that sends to ``queue``."""
+    from producer.client import Client
+    from producer.settings import ProducerSettings
+
+    settings = ProducerSettings(_env_file=None, **settings_kwargs(fleet_env))
+    settings.queue = queue
+    with Client(settings) as c:
+        yield c
+
+
+def own_fleet_env(endpoints_env: dict[str, str], tiny_model: Path, **extra: str) -> dict:
+    """Environment for a worker on services of a test's own (fault tests kill them)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(endpoints_env, FLEET_MODEL=str(tiny_model), FLEET_MODEL_NAME="tiny",
+               FLEET_DEVICE="cpu", FLEET_TORCH_THREADS="1", FLEET_LOCAL_FILES_ONLY="true",
+               HF_HUB_OFFLINE="1", **extra)  # fmt: skip
+    return env

@@ -7,7 +7,6 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,6 @@ import torch
 from producer import contract
 from producer.client import Client
 from producer.contract import JobSpec
-from producer.settings import ProducerSettings
-from tests.fleet_fixtures import settings_kwargs
 from worker.engine import Engine
 from worker.recipe import image_recipe, png_bytes
 from worker.settings import WorkerSettings
@@ -30,19 +27,6 @@ BATCH = {"FLEET_BATCH_SIZE": "4", "FLEET_BATCH_WAIT_S": "0.5"}
 def jobs(n: int, seed0: int) -> list[JobSpec]:
     return [JobSpec(prompt=f"a lighthouse, take {i}", width=64, height=64, steps=4,
                     seed=seed0 + 10 * i) for i in range(n)]  # fmt: skip
-
-
-@pytest.fixture()
-def queue() -> str:
-    return f"fleet.batch-{uuid.uuid4().hex[:6]}"
-
-
-@pytest.fixture()
-def qclient(fleet_env: dict, queue: str) -> Iterator[Client]:
-    settings = ProducerSettings(_env_file=None, **settings_kwargs(fleet_env))
-    settings.queue = queue
-    with Client(settings) as c:
-        yield c
 
 
 def test_compatible_jobs_are_batched_and_equal_the_bare_pipeline(

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from producer import contract
 from producer.client import Client
 from producer.contract import JobSpec
 from producer.settings import ProducerSettings
+from tests.conftest import own_fleet_env
 from tests.fleet_fixtures import WorkerProcess, settings_kwargs
 
 pytestmark = pytest.mark.integration
@@ -83,19 +84,6 @@ def kill_pool_child_mid_job(w: WorkerProcess, seen: int, job_id: str | None = No
 
 def objects_of(store, job_id: str) -> list[str]:  # type: ignore[no-untyped-def]
     return sorted(store.list_keys(contract.job_prefix(job_id)))
-
-
-@pytest.fixture()
-def queue() -> str:
-    return f"fleet.rel-{uuid.uuid4().hex[:6]}"
-
-
-@pytest.fixture()
-def qclient(fleet_env: dict, queue: str) -> Iterator[Client]:
-    settings = ProducerSettings(_env_file=None, **settings_kwargs(fleet_env))
-    settings.queue = queue
-    with Client(settings) as c:
-        yield c
 
 
 def test_killed_pool_child_loses_and_duplicates_nothing(
@@ -263,12 +251,9 @@ def test_storage_down_for_30s_fails_nothing_and_generates_once(
 
     services = LocalServices(tmp_path / "own-services")
     ep = services.start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-    env.update(ep.env(), FLEET_MODEL=str(tiny_model), FLEET_MODEL_NAME="tiny",
-               FLEET_DEVICE="cpu", FLEET_TORCH_THREADS="1", FLEET_LOCAL_FILES_ONLY="true",
-               FLEET_SPOOL_DIR=str(tmp_path / "spool"), FLEET_STORAGE_RETRY_BACKOFF_MAX_S="4",
-               FLEET_STORAGE_RETRY_WINDOW_S="120",
-               FLEET_S3_MAX_ATTEMPTS="2", HF_HUB_OFFLINE="1")  # fmt: skip
+    env = own_fleet_env(ep.env(), tiny_model, FLEET_SPOOL_DIR=str(tmp_path / "spool"),
+                        FLEET_STORAGE_RETRY_BACKOFF_MAX_S="4", FLEET_STORAGE_RETRY_WINDOW_S="120",
+                        FLEET_S3_MAX_ATTEMPTS="2")  # fmt: skip
     w = WorkerProcess(f"s3down-{uuid.uuid4().hex[:4]}@localhost", env, tmp_path / "w.log")
     try:
         w.start()
@@ -300,10 +285,7 @@ def test_redis_restart_mid_run_loses_no_acknowledged_job(tmp_path: Path, tiny_mo
 
     services = LocalServices(tmp_path / "own-services")
     ep = services.start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-    env.update(ep.env(), FLEET_MODEL=str(tiny_model), FLEET_MODEL_NAME="tiny",
-               FLEET_DEVICE="cpu", FLEET_TORCH_THREADS="1", FLEET_LOCAL_FILES_ONLY="true",
-               HF_HUB_OFFLINE="1", **FAST_REDELIVERY)  # fmt: skip
+    env = own_fleet_env(ep.env(), tiny_model, **FAST_REDELIVERY)
     w = WorkerProcess(f"redisrestart-{uuid.uuid4().hex[:4]}@localhost", env, tmp_path / "w.log")
     try:
         w.start()
@@ -328,12 +310,9 @@ def test_storage_down_past_the_retry_window_fails_with_a_recorded_reason(
 
     services = LocalServices(tmp_path / "own-services")
     ep = services.start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-    env.update(ep.env(), FLEET_MODEL=str(tiny_model), FLEET_MODEL_NAME="tiny",
-               FLEET_DEVICE="cpu", FLEET_TORCH_THREADS="1", FLEET_LOCAL_FILES_ONLY="true",
-               FLEET_SPOOL_DIR=str(tmp_path / "spool"), FLEET_STORAGE_RETRY_BACKOFF_MAX_S="1",
-               FLEET_STORAGE_RETRY_WINDOW_S="4", FLEET_S3_MAX_ATTEMPTS="1",
-               HF_HUB_OFFLINE="1")  # fmt: skip
+    env = own_fleet_env(ep.env(), tiny_model, FLEET_SPOOL_DIR=str(tmp_path / "spool"),
+                        FLEET_STORAGE_RETRY_BACKOFF_MAX_S="1", FLEET_STORAGE_RETRY_WINDOW_S="4",
+                        FLEET_S3_MAX_ATTEMPTS="1")  # fmt: skip
     w = WorkerProcess(f"s3gone-{uuid.uuid4().hex[:4]}@localhost", env, tmp_path / "w.log")
     try:
         w.start()
