@@ -106,7 +106,12 @@ def _claim(client: Client, specs: Sequence[JobSpec], queues: Sequence[str]) -> l
     with client.redis.pipeline(transaction=False) as pipe:
         for spec, queue in zip(specs, queues, strict=True):
             pipe.set(CLAIM_KEY.format(job_id=spec.job_id), queue, nx=True, ex=ttl)
-        return [bool(r) for r in pipe.execute()]
+        replies = pipe.execute(raise_on_error=False)
+    errors = [r for r in replies if isinstance(r, Exception)]
+    if errors:  # free what this call did claim (never ids claimed before), then fail
+        _release(client, [s for s, r in zip(specs, replies, strict=True) if r is True])
+        raise errors[0]
+    return [bool(r) for r in replies]
 
 
 def _duplicate_handles(

@@ -63,6 +63,7 @@ def test_every_figure_is_measured_with_its_goal(bench_run) -> None:  # type: ign
         scale["one_worker_images_per_s"]
     )
     assert len(scale["jobs_per_worker"]) == 2  # both one-thread workers took jobs
+    assert positive(scale["bare_reference"]["value"])  # the same ratio without the fleet
 
     bulk = figures["bulk_enqueue"]
     assert positive(bulk["bulk_jobs_per_s"]) and positive(bulk["one_by_one_jobs_per_s"])
