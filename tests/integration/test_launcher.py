@@ -12,20 +12,14 @@ import time
 import pytest
 
 from producer.contract import JobSpec
-from tests.fleet_fixtures import REPO
+from tests.fleet_fixtures import REPO, wait_until
 from worker.heartbeat import alive_nodes
 
 pytestmark = pytest.mark.integration
 
 
 def wait_for(predicate, timeout: float = 90.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(what)
+    return wait_until(predicate, timeout, what, interval=0.2)
 
 
 @pytest.fixture()

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from producer.client import Client
 from producer.contract import JobSpec
 from producer.settings import ProducerSettings
 from tests.conftest import own_fleet_env
-from tests.fleet_fixtures import WorkerProcess, settings_kwargs
+from tests.fleet_fixtures import WorkerProcess, settings_kwargs, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -41,16 +40,6 @@ def job(steps: int = 30, side: int = 64, **kw) -> JobSpec:  # type: ignore[no-un
 def pool_children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(what)
 
 
 def started_job(client: Client, job_ids: list[str]) -> str | None:
