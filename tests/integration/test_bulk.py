@@ -18,7 +18,7 @@ from producer.client import CLAIM_KEY, Client
 from producer.contract import JobSpec
 from producer.errors import JobValidationError
 from producer.settings import ProducerSettings
-from tests.fleet_fixtures import settings_kwargs
+from tests.fleet_fixtures import settings_kwargs, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +80,15 @@ def test_duplicate_id_is_reported_and_not_run_again(worker, client) -> None:  # 
     handles = submit_bulk(client, [first, small_job(job_id=first.job_id, seed=8)])
     assert [h.duplicate for h in handles] == [False, True]  # the same id twice in one call
     assert client.wait([first.job_id], timeout=TIMEOUT)[0].state == "succeeded"
-    meta_before = client.redis.get(f"celery-task-meta-{first.job_id}")
+    meta_key = f"celery-task-meta-{first.job_id}"
+
+    def stored_success() -> bytes | None:
+        raw = client.redis.get(meta_key)
+        return raw if raw and json.loads(raw)["status"] == "SUCCESS" else None
+
+    # Once seen a late PROGRESS write still sat in the key after the client saw SUCCESS: take
+    # the stored SUCCESS document itself as the reference.
+    meta_before = wait_until(stored_success, 30, "the stored SUCCESS result")
 
     fresh = small_job(job_id=uid("fresh"), seed=9)
     again = submit_bulk(client, [small_job(job_id=first.job_id, seed=7), fresh])
@@ -90,7 +98,7 @@ def test_duplicate_id_is_reported_and_not_run_again(worker, client) -> None:  # 
     # have been delivered (counted) and its result rewritten.
     assert client.wait([fresh.job_id], timeout=TIMEOUT)[0].state == "succeeded"
     assert client.redis.get(DELIVERIES_KEY.format(job_id=first.job_id)) == b"1"
-    assert client.redis.get(f"celery-task-meta-{first.job_id}") == meta_before
+    assert client.redis.get(meta_key) == meta_before
     assert worker.log().count(f"[job={first.job_id} task={first.job_id}] received") == 1
 
 
