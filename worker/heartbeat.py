@@ -81,13 +81,9 @@ def alive_nodes(redis_url: str, host: str | None = None) -> list[dict[str, Any]]
         client.close()
 
 
-def publish_info(redis_url: str, node: str, info: dict[str, Any], ttl_s: int = 86400) -> None:
+def publish_info(client: redis.Redis, node: str, info: dict[str, Any], ttl_s: int = 86400) -> None:
     """The pool child's device facts (device, GPU, memory, device map) for `status`."""
-    client = redis.Redis.from_url(redis_url, socket_timeout=5)
-    try:
-        client.set(INFO_KEY.format(node=node), json.dumps(info, default=str), ex=ttl_s)
-    finally:
-        client.close()
+    client.set(INFO_KEY.format(node=node), json.dumps(info, default=str), ex=ttl_s)
 
 
 def read_info(redis_url: str, node: str) -> dict[str, Any] | None:

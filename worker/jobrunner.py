@@ -66,8 +66,13 @@ class JobRunner:
         node: str | None = None,
         is_cancelled: Callable[[], bool] | None = None,
         queue: str | None = None,
+        first_attempt: bool = False,
     ) -> dict[str, Any]:
-        """Run one job and return its JobResult as JSON-ready dict. Raises FleetError on failure."""
+        """Run one job and return its JobResult as JSON-ready dict. Raises FleetError on failure.
+
+        ``first_attempt``: the task knows this is the job's first delivery of its first attempt
+        (delivery counter in Redis), so nothing can be stored for it yet and no failure entry can
+        exist: the S3 lookup before and the failure-index cleanup after are skipped."""
         job_id = job.get("job_id") if isinstance(job, dict) else None
         device = self.engine.placement.device if self.engine.placement else self.settings.device
         jlog = JobLog(log, {"job_id": job_id, "task_id": task_id, "queue": queue, "device": device})
@@ -93,7 +98,7 @@ class JobRunner:
         if is_cancelled is not None and is_cancelled():
             return self.record_cancelled(spec, jlog, "cancelled before it started")
 
-        done = self._already_done(spec)
+        done = None if first_attempt else self._already_done(spec)
         if done is not None:
             jlog.info("already complete in storage; not generating again")
             return done
@@ -102,9 +107,15 @@ class JobRunner:
             pngs, worker_info, timings = self._generate(spec, jlog, on_progress, is_cancelled)
             if node:
                 worker_info["node"] = node  # the Celery node name, e.g. gpu0@host
-            result = self._store(spec, pngs, worker_info, timings, started, jlog)
-        except StorageError:
-            raise  # retried by the task with backoff; the spool keeps the images meanwhile
+            try:
+                result = self._store(
+                    spec, pngs, worker_info, timings, started, jlog, clear=not first_attempt
+                )
+            except StorageError:
+                # Retried by the task with backoff; the spool keeps the images meanwhile, so
+                # they are not generated again (written only now: the usual path skips disk).
+                self._write_spool(self._spool(spec), spec, pngs)
+                raise
         except JobCancelled as exc:
             self.engine.release_memory()
             return self.record_cancelled(spec, jlog, f"cancelled while generating: {exc}")
@@ -182,7 +193,6 @@ class JobRunner:
             png_bytes(image, image_recipe(spec, seed, model, self.settings.model_revision))
             for image, seed in zip(generated.images, generated.seeds, strict=True)
         ]
-        self._write_spool(spool, spec, pngs)
         jlog.info("generated %d image(s) in %.2f s", len(pngs), generated.timings["generate_s"])
         timings = dict(generated.timings)
         if queue_wait is not None:
@@ -232,6 +242,7 @@ class JobRunner:
         timings: dict[str, float],
         started: float,
         jlog: JobLog,
+        clear: bool = True,
     ) -> dict[str, Any]:
         prefix = self.settings.s3_prefix
         upload_started = time.perf_counter()
@@ -266,7 +277,8 @@ class JobRunner:
         manifest["result"] = result.model_dump(mode="json")
         # The manifest goes last: its presence with status "succeeded" marks the job complete.
         self.store.put_json(mkey, manifest)
-        clear_failure(self.store, prefix, spec.job_id)  # a retried job leaves the failure index
+        if clear:  # a job that failed before and now succeeded leaves the failure index
+            clear_failure(self.store, prefix, spec.job_id)
         jlog.info("stored %d image(s) and %s in %.2f s", len(records), mkey, timings["upload_s"])
         return self._with_urls(result).model_dump(mode="json")
 
@@ -347,16 +359,20 @@ class JobRunner:
         if on_progress is None and is_cancelled is None:
             return None
         interval = self.settings.progress_interval_s
-        last = 0.0
+        check_every = self.settings.cancel_check_interval_s
+        last = checked = 0.0
 
         def report(step: int, total: int) -> None:
-            nonlocal last
-            if is_cancelled is not None and is_cancelled():
-                raise JobCancelled(f"cancelled at step {step}/{total}")
+            # Both are Redis round trips: at most one of each per interval, not one per step.
+            nonlocal last, checked
+            now = time.monotonic()
+            if is_cancelled is not None and now - checked >= check_every:
+                checked = now
+                if is_cancelled():
+                    raise JobCancelled(f"cancelled at step {step}/{total}")
             if on_progress is None:
                 return
-            now = time.monotonic()
-            if step == total or now - last >= interval:
+            if now - last >= interval:
                 last = now
                 on_progress(
                     {"job_id": spec.job_id, "step": step, "steps": total, "images": spec.images}

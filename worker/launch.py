@@ -22,9 +22,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", help="comma-separated GPU indices to use (default: all found)")
     p.add_argument("--cpu", type=int, metavar="N", help="start N CPU workers, 1 torch thread each")
     p.add_argument("--queues", default=os.environ.get("FLEET_QUEUE", DEFAULT_QUEUE))
-    p.add_argument("--batch", type=int, default=int(os.environ.get("FLEET_BATCH_SIZE", "1")),
-                   help="batch workers: up to N compatible jobs per pipeline call "
-                   "(threads pool with N threads; see docs/batching.md)")  # fmt: skip
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=int(os.environ.get("FLEET_BATCH_SIZE", "1")),
+        help="batch workers: up to N compatible jobs per pipeline call "
+        "(threads pool with 2N jobs in flight; see docs/batching.md)",
+    )
+    p.add_argument("--overlap", action="store_true",
+                   help="overlapped workers: threads pool with two jobs in flight, one "
+                   "generating while the other is stored (no Celery time limits there; "
+                   "docs/batching.md)")  # fmt: skip
     p.add_argument("--loglevel", default="INFO")
     p.add_argument(
         "--max-restarts",
@@ -94,10 +102,12 @@ class Slot:
 
 
 def worker_argv(node: str, args: argparse.Namespace) -> list[str]:
-    """The documented worker command; batch workers use the threads pool, one thread a job."""
+    """The documented worker command. Batch and overlapped workers use the threads pool with
+    twice the batch size in flight: one batch generates while the one before is stored."""
     extra = [a for a in (args.celery_args or []) if a != "--"]
     batch = max(1, getattr(args, "batch", 1) or 1)
-    pool, concurrency = ("threads", batch) if batch > 1 else ("prefork", 1)
+    threaded = batch > 1 or getattr(args, "overlap", False)
+    pool, concurrency = ("threads", 2 * batch) if threaded else ("prefork", 1)
     return [
         sys.executable, "-m", "celery", "-A", "worker.app", "worker",
         "--pool", pool, "--concurrency", str(concurrency), "--queues", args.queues,

@@ -93,6 +93,9 @@ class WorkerSettings(FleetSettings):
     heartbeat_interval_s: float = Field(10.0, description="How often the heartbeat is refreshed.")
     heartbeat_ttl_s: int = Field(30, description="A worker whose heartbeat is older is unhealthy.")
     progress_interval_s: float = Field(0.5, description="Least time between progress updates.")
+    cancel_check_interval_s: float = Field(
+        0.2, description="Least time between checks for `producer cancel` while generating."
+    )
 
     @property
     def served_model(self) -> str | None:

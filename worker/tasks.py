@@ -69,7 +69,11 @@ def get_runner() -> JobRunner:
 
         settings = get_settings()
         batcher = None
-        if settings.batch_size > 1:
+        if settings.batch_size > 1 or threading.current_thread() is not threading.main_thread():
+            # Tasks off the main thread: a threads pool, where several jobs are in flight at
+            # once. One batcher thread owns the pipeline (a pipeline is not thread-safe): with
+            # batch size 1 it generates one job at a time while the task threads encode and
+            # upload the previous ones (docs/batching.md, "Overlapped workers").
             from worker.batcher import Batcher
 
             batcher = Batcher(engine, settings.batch_size, settings.batch_wait_s)
@@ -100,6 +104,13 @@ def generate(self: Task, job: Any = None, **unexpected: Any) -> dict[str, Any]:
         )
 
     deliveries = _count_delivery(self)
+    # The first delivery of a first attempt cannot have stored anything before: the runner
+    # skips its "already complete?" lookup in S3. Any redelivery or retry looks.
+    first_attempt = (
+        deliveries == 1
+        and not self.request.retries
+        and not (self.request.delivery_info or {}).get("redelivered")
+    )
     if deliveries > get_settings().max_deliveries:
         error = TooManyDeliveries(
             f"delivered {deliveries} times and its worker died each time "
@@ -128,6 +139,7 @@ def generate(self: Task, job: Any = None, **unexpected: Any) -> dict[str, Any]:
             node=self.request.hostname,
             is_cancelled=_cancel_checker(job),
             queue=(self.request.delivery_info or {}).get("routing_key"),
+            first_attempt=first_attempt,
         )
         notify(job, result)
         _record_metrics(job, result, runner)
@@ -250,9 +262,9 @@ def _count_delivery(task: Task) -> int:
     """Count deliveries of this attempt (a retry is a new attempt) in Redis, so a job that kills
     its worker every time ends as a recorded failure instead of an endless loop."""
     key = DELIVERIES_KEY.format(task_id=task.request.id, retries=task.request.retries or 0)
-    count = int(_get_redis().incr(key))
-    _get_redis().expire(key, 7 * 24 * 3600)
-    return count
+    with _get_redis().pipeline(transaction=False) as pipe:
+        count, _ = pipe.incr(key).expire(key, 7 * 24 * 3600).execute()
+    return int(count)
 
 
 def _record_raw_failure(job: Any, error: Exception) -> None:
@@ -274,11 +286,25 @@ def _record_raw_failure(job: Any, error: Exception) -> None:
         _get_redis().lpush(UNSTORED_FAILURES_KEY, json.dumps(entry))
 
 
+_published: tuple[str, float] | None = None  # (the info as JSON, when)
+
+
 def _publish_worker_info(node: str, runner: JobRunner) -> None:
-    """Device facts of this worker for `python -m worker status` (best effort)."""
+    """Device facts of this worker for `python -m worker status` (best effort): after the first
+    job, then only when they changed and at most once per heartbeat interval, so a stream of
+    short jobs does not pay a Redis write each."""
+    global _published
     if not node or runner.engine.pipe is None:
         return
     try:
-        publish_info(get_settings().redis_url, node, runner.engine.describe())
+        info = runner.engine.describe()
+        text = json.dumps(info, sort_keys=True, default=str)
+        now = time.monotonic()
+        if _published is not None:
+            age = now - _published[1]
+            if age < get_settings().heartbeat_interval_s or (_published[0] == text and age < 3600):
+                return  # the key lives a day: refreshed hourly while nothing changes
+        publish_info(_get_redis(), node, info)
+        _published = (text, now)
     except Exception as exc:
         log.warning("could not publish worker info: %s", exc)

@@ -84,3 +84,33 @@ def test_a_batch_worker_killed_mid_batch_loses_no_job(
             contract.image_key(s.job_id, 0),
             contract.manifest_key(s.job_id),
         ]
+
+
+def test_overlapped_worker_generates_one_job_at_a_time_with_the_default_workers_bytes(
+    start_worker, qclient: Client, store, queue: str, tiny_model: Path
+) -> None:
+    """`launch --overlap`: threads pool, two jobs in flight, batch size 1. One thread owns the
+    pipeline (a pipeline is not thread-safe), so each job is generated alone and its PNG equals
+    the same job generated alone in process, while storing overlaps the next generation."""
+    specs = jobs(6, seed0=900)
+    handles = qclient.submit_many(specs)
+    w = start_worker("overlap", queues=queue, pool="threads", concurrency=2)
+    statuses = qclient.wait([h.job_id for h in handles], timeout=120)
+    assert [s.state for s in statuses] == ["succeeded"] * 6
+    for s in statuses:
+        m = store.get_json(s.result.manifest_key)
+        assert m["worker"]["batch"]["jobs"] == 1
+    log = w.log()
+    assert "batch of" not in log
+    # Two jobs were in flight: the second was taken before the first was stored.
+    lines = log.splitlines()
+    second_received = [i for i, x in enumerate(lines) if "] received:" in x][1]
+    first_stored = next(i for i, x in enumerate(lines) if "] stored " in x)
+    assert second_received < first_stored, "\n".join(lines[-40:])
+    torch.set_num_threads(1)
+    engine = Engine(WorkerSettings(_env_file=None, model=str(tiny_model), model_name="tiny",
+                                   local_files_only=True, torch_threads=1))  # fmt: skip
+    for spec in specs:
+        alone = engine.generate(spec)
+        expected = png_bytes(alone.images[0], image_recipe(spec, spec.seed, "tiny", None))
+        assert store.get_bytes(contract.image_key(spec.job_id, 0)) == expected

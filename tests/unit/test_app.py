@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 from producer.contract import TASK_GENERATE
 from worker.app import celery_config, create_app
@@ -54,4 +55,30 @@ def test_launcher_plans_one_pinned_worker_per_gpu_and_batch_workers() -> None:
     assert cpu[0].env["FLEET_BATCH_SIZE"] == "4" and cpu[0].env["CUDA_VISIBLE_DEVICES"] == ""
     argv = cpu[0].argv
     assert argv[argv.index("--pool") + 1] == "threads"
-    assert argv[argv.index("--concurrency") + 1] == "4"
+    assert argv[argv.index("--concurrency") + 1] == "8"  # one batch generating, one storing
+    overlap = plan(p.parse_args(["--cpu", "1", "--overlap"]), gpus=[])[0].argv
+    assert overlap[overlap.index("--pool") + 1] == "threads"
+    assert overlap[overlap.index("--concurrency") + 1] == "2"
+    assert "FLEET_BATCH_SIZE" not in plan(p.parse_args(["--cpu", "1", "--overlap"]), gpus=[])[0].env
+
+
+def test_a_threads_pool_worker_generates_through_one_batcher_thread(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A pipeline is not thread-safe: when tasks run off the main thread (threads pool), every
+    generation goes through the one batcher thread, also at batch size 1; a prefork child
+    (tasks on its main thread) calls the engine directly."""
+    import producer.storage
+    from worker import tasks
+    from worker.settings import WorkerSettings
+
+    monkeypatch.setattr(producer.storage, "ObjectStore", lambda settings: "store")
+    monkeypatch.setattr(tasks, "_settings", WorkerSettings(_env_file=None))
+    monkeypatch.setattr(tasks, "_engine", "engine")
+    monkeypatch.setattr(tasks, "_runner", None)
+    assert tasks.get_runner().batcher is None
+    monkeypatch.setattr(tasks, "_runner", None)
+    runners = []
+    thread = threading.Thread(target=lambda: runners.append(tasks.get_runner()))
+    thread.start()
+    thread.join()
+    batcher = runners[0].batcher
+    assert batcher is not None and batcher.max_batch == 1 and batcher.engine == "engine"
