@@ -35,6 +35,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import select
 import shutil
 import signal
@@ -97,6 +98,18 @@ def spread(values: list[float]) -> float:
     if len(values) < 2 or not median(values):
         return 0.0
     return (max(values) - min(values)) / median(values)
+
+
+def interval90(values: list[float], resamples: int = 2000) -> list[float] | None:
+    """A 90% bootstrap interval of the median of ``values`` (seeded: the same runs give the same
+    interval): how far the reported median could move on another day like this one."""
+    if len(values) < 3:
+        return None
+    rng = random.Random(0)
+    medians = sorted(
+        statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples)
+    )
+    return [round(medians[int(0.05 * resamples)], 4), round(medians[int(0.95 * resamples)], 4)]
 
 
 # =============================================================================================
@@ -797,7 +810,7 @@ class Bench:
         self.steal["throughput"] = [p["steal"] for p in all_parts]
         efficiency = self.efficiency_figure(runs, "fleet", "efficiency")
         efficiency["worker"] = "prefork pool, one child (the default worker)"
-        overlapped = self.efficiency_figure(runs, "overlap", "overlap_efficiency")
+        overlapped = self.efficiency_figure(runs, "overlap", "overlap_efficiency", stages=False)
         overlapped["worker"] = (
             "threads pool, --concurrency 2, FLEET_BATCH_SIZE=1: one thread generates while the "
             "other stores the previous job"
@@ -833,8 +846,12 @@ class Bench:
             scale_out["fleet_share_of_bare"] = median(scale) / median(bare)
         return efficiency, overlapped, scale_out
 
-    def efficiency_figure(self, runs: list[dict[str, Any]], key: str, ratio: str) -> dict:  # type: ignore[type-arg]
-        """Fleet efficiency of the worker measured under ``key`` in each run."""
+    def efficiency_figure(
+        self, runs: list[dict[str, Any]], key: str, ratio: str, stages: bool = True
+    ) -> dict:  # type: ignore[type-arg]
+        """Fleet efficiency of the worker measured under ``key`` in each run. ``stages``: the
+        worker runs one job at a time, so its per-job total splits into diffusion, storing
+        and hand-off (not so when jobs overlap: their totals include waiting for the pipeline)."""
         eff = [r[ratio] for r in runs]
         per_job_fleet = median([r[key]["seconds"] / self.n for r in runs])
         per_job_inproc = median([r["inproc"]["seconds"] / self.n for r in runs])
@@ -842,6 +859,18 @@ class Bench:
         gen_inproc = median([r["inproc"]["per_call_s"] for r in runs])
         total_worker = median([r[key]["total_s"] for r in runs])
         upload = median([r[key]["upload_s"] for r in runs])
+        per_job_ms = {
+            "fleet_wall": 1000 * per_job_fleet,
+            "in_process_wall": 1000 * per_job_inproc,
+            "extra": 1000 * (per_job_fleet - per_job_inproc),
+            "worker_generate": 1000 * gen_worker,
+            "in_process_generate": 1000 * gen_inproc,
+            "slower_generate_in_worker": 1000 * (gen_worker - gen_inproc),
+            "worker_upload": 1000 * upload,
+        }
+        if stages:
+            per_job_ms["worker_store_and_png"] = 1000 * (total_worker - gen_worker)
+            per_job_ms["dispatch_and_result"] = 1000 * (per_job_fleet - total_worker)
         return {
             "value": median(eff),
             "unit": "ratio (fleet images/s / in-process images/s)",
@@ -851,17 +880,7 @@ class Bench:
             "spread": round(spread(eff), 4),
             "fleet_runs_images_per_s": [round(r[key]["images_per_s"], 4) for r in runs],
             "in_process_runs_images_per_s": [round(r["inproc"]["images_per_s"], 4) for r in runs],
-            "per_job_ms": {
-                "fleet_wall": 1000 * per_job_fleet,
-                "in_process_wall": 1000 * per_job_inproc,
-                "extra": 1000 * (per_job_fleet - per_job_inproc),
-                "worker_generate": 1000 * gen_worker,
-                "in_process_generate": 1000 * gen_inproc,
-                "slower_generate_in_worker": 1000 * (gen_worker - gen_inproc),
-                "worker_store_and_png": 1000 * (total_worker - gen_worker),
-                "worker_upload": 1000 * upload,
-                "dispatch_and_result": 1000 * (per_job_fleet - total_worker),
-            },
+            "per_job_ms": per_job_ms,
             "jobs": self.n,
             "warmup_jobs": self.warmup,
             "torch_threads": self.threads,
@@ -1167,6 +1186,10 @@ class Bench:
                 fig["met"] = bool(value >= goal["value"])
             else:
                 fig["met"] = bool(value <= goal["value"])
+            fig["interval90"] = interval90(fig.get("runs") or [])
+            band = fig["interval90"]
+            # The goal inside the interval: the runs cannot tell met from missed.
+            fig["within_noise"] = bool(band and goal["value"] and band[0] < goal["value"] < band[1])
         return {
             "schema": 1,
             "created": started_at.isoformat(timespec="seconds"),
@@ -1276,7 +1299,14 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 def _met(fig: dict[str, Any]) -> str:
     met = fig.get("met")
-    return "n/a" if met is None else ("met" if met else "**MISSED**")
+    if met is None:
+        return "n/a"
+    text = "met" if met else "**MISSED**"
+    band = fig.get("interval90")
+    if band:
+        text += f" (90% interval {band[0]:g}–{band[1]:g}"
+        text += ", goal inside: within noise)" if fig.get("within_noise") else ")"
+    return text
 
 
 def explain_misses(res: dict[str, Any]) -> list[str]:
@@ -1566,6 +1596,11 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         f"STARTED {lat['fleet_submit_to_started_ms']:.1f} ms vs trivial task round trip "
         f"{lat['trivial_round_trip_ms']:.1f} ms (trivial submit -> STARTED "
         f"{lat['trivial_submit_to_started_ms']:.1f} ms) |",
+        "",
+        "Result: the goal against the median of the runs. The 90% interval is a bootstrap of "
+        "that median over the runs (how far it could move in another run on this machine); "
+        "'within noise' means the goal lies inside it, so these runs cannot tell met from "
+        "missed.",
         "",
         "## How each figure is measured",
         "",

@@ -158,3 +158,12 @@ def test_out_of_memory_shrinks_the_call_then_reroutes_then_fails(engine: Engine)
     assert oom_fallback(settings, "fleet") == "fleet.balanced"
     assert oom_fallback(settings, "fleet.balanced") is None
     assert oom_fallback(WorkerSettings(_env_file=None), "fleet") is None
+
+
+def test_jobs_with_and_without_a_negative_prompt_share_one_call(engine: Engine) -> None:
+    """No negative prompt is the empty one (the contract's default), so a batch may mix both."""
+    plain, negative = job(seed=31), job(seed=32, negative_prompt="blurry")
+    assert engine.batch_kwargs([plain, negative])["negative_prompt"] == ["", "blurry"]
+    mixed = engine.generate_batch([plain, negative])
+    assert [len(g.images) for g in mixed] == [1, 1]
+    assert all(g.timings["batch_jobs"] == 2 for g in mixed)
