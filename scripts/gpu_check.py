@@ -158,21 +158,23 @@ def seq_offload(medium: Path) -> dict:
     return {"s_per_image": round(t, 4)}
 
 
-def run_fleet(medium: Path, workdir: Path, batch: int) -> dict:
-    """Jobs through a real worker on cuda:0 with Redis and SeaweedFS; batch > 1: a batch worker."""
+def run_fleet(medium: Path, workdir: Path, batch: int, overlap: bool = False) -> dict:
+    """Jobs through a real worker on cuda:0 with Redis and SeaweedFS; batch > 1: a batch worker;
+    overlap: the threads pool with two jobs in flight at batch size 1 (`launch --overlap`)."""
     from producer.client import Client
     from producer.contract import JobSpec
     from producer.local_services import local_services
     from producer.settings import ProducerSettings
 
-    with local_services(workdir=workdir / f"services-b{batch}") as ep:
+    name = f"b{batch}" + ("-overlap" if overlap else "")
+    with local_services(workdir=workdir / f"services-{name}") as ep:
         env = {**os.environ, **ep.env(), "FLEET_MODEL": str(medium), "FLEET_MODEL_NAME": "medium",
                "FLEET_LOCAL_FILES_ONLY": "true", "CUDA_VISIBLE_DEVICES": "0",
                "FLEET_BATCH_SIZE": str(batch),
                "PYTHONPATH": os.environ.get("PYTHONPATH", "") + f":{REPO}"}  # fmt: skip
-        pool = ["--pool", "threads", "--concurrency", str(batch)] if batch > 1 else [
+        pool = ["--pool", "threads", "--concurrency", str(2 * batch)] if batch > 1 or overlap else [
             "--pool", "prefork", "--concurrency", "1"]  # fmt: skip
-        log = (workdir / f"worker-b{batch}.log").open("w")
+        log = (workdir / f"worker-{name}.log").open("w")
         proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker.app", "worker", *pool,
              "--queues", "fleet", "--hostname", "gpu0@%h", "--loglevel", "INFO",
@@ -226,6 +228,15 @@ def fleet_batched(medium: Path, workdir: Path) -> dict:
     return out
 
 
+@step("fleet_overlapped_worker_fp16")
+def fleet_overlapped(medium: Path, workdir: Path) -> dict:
+    out = run_fleet(medium, workdir, batch=1, overlap=True)
+    bare = RESULTS.get("pinned_fp16_in_process", {}).get("images_per_s_batch1")
+    if bare:
+        out["efficiency_vs_in_process_batch1"] = round(out["images_per_s"] / bare, 3)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=REPO / "out" / "gpu-check")
@@ -249,6 +260,7 @@ def main() -> int:
     model_offload(medium)
     seq_offload(medium)
     fleet(medium, args.out)
+    fleet_overlapped(medium, args.out)
     fleet_batched(medium, args.out)
     (args.out / "gpu-check.json").write_text(json.dumps(RESULTS, indent=2, default=str))
     failed = [k for k, v in RESULTS.items() if isinstance(v, dict) and v.get("ok") is False]
