@@ -243,7 +243,7 @@ def cmd_retry(client: Client, args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_status(client: Client, args: argparse.Namespace, out: Console) -> int:
-    statuses = [client.status(job_id) for job_id in args.job_ids]
+    statuses = client.with_queue_positions([client.status(job_id) for job_id in args.job_ids])
     if args.json:
         out.print_json(data=[s.model_dump(mode="json") for s in statuses])
     else:
@@ -281,7 +281,8 @@ def cmd_wait(
             elif st.steps:
                 progress.update(bar, total=st.steps, completed=st.step or 0, state=st.state)
             else:
-                progress.update(bar, state=st.state)
+                ahead = f", {st.ahead} ahead" if st.ahead is not None else ""
+                progress.update(bar, state=st.state + ahead)
             if progress.disable and not args.json:  # no terminal: one line per change
                 line = f"{st.job_id}: {st.state}" + (f" ({st.detail})" if st.detail else "")
                 progress.console.print(line)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,6 +27,13 @@ log = logging.getLogger(__name__)
 CLAIM_KEY = "fleet:job:{job_id}"
 #: Redis list of failures the workers could not write to S3 while it was down.
 UNSTORED_FAILURES_KEY = "fleet:failures:unstored"
+#: Queued jobs get their place in line only while their queue holds at most this many messages
+#: (counting reads every message; a deeper queue is not scanned).
+POSITION_SCAN_LIMIT = 1000
+#: `wait` counts places in line at most this often (it polls states far more often).
+POSITION_REFRESH_S = 1.0
+#: The task id in a message's headers (kombu's JSON envelope; the body is base64).
+_MESSAGE_ID = re.compile(rb'"id":\s*"([^"]+)"')
 
 _RUNNING_STATES = {"STARTED", "PROGRESS", "RETRY"}
 
@@ -228,6 +236,56 @@ class Client:
             job_id=job_id, state="unknown", detail="no such job known to Redis or storage"
         )
 
+    def queue_positions(
+        self, queue: str, limit: int = POSITION_SCAN_LIMIT
+    ) -> dict[str, int] | None:
+        """For each job waiting in ``queue``: how many jobs workers take before it (priority
+        lists in the order workers read them, each from its right end). None when the queue
+        holds more than ``limit`` messages."""
+        keys = contract.queue_keys(queue)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.llen(key)
+            lengths = [int(n) for n in pipe.execute()]
+        if sum(lengths) > limit:
+            return None
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key, n in zip(keys, lengths, strict=True):
+                if n:
+                    pipe.lrange(key, 0, -1)
+            lists = pipe.execute()
+        positions: dict[str, int] = {}
+        ahead = 0
+        for messages in lists:
+            for raw in reversed(messages):
+                found = _MESSAGE_ID.search(raw)
+                if found:
+                    positions.setdefault(found.group(1).decode(), ahead)
+                ahead += 1
+        return positions
+
+    def with_queue_positions(self, statuses: list[JobStatus]) -> list[JobStatus]:
+        """The same statuses, queued ones with their place in line (``ahead``) where their queue
+        is shallow enough to count (POSITION_SCAN_LIMIT)."""
+        queued = [s for s in statuses if s.state == "queued"]
+        if not queued:
+            return statuses
+        names = self.redis.mget([CLAIM_KEY.format(job_id=s.job_id) for s in queued])
+        scans: dict[str, dict[str, int] | None] = {}
+        placed: dict[str, JobStatus] = {}
+        for st, name in zip(queued, names, strict=True):
+            if name is None:
+                continue
+            queue = name.decode() if isinstance(name, bytes) else str(name)
+            if queue not in scans:
+                scans[queue] = self.queue_positions(queue)
+            ahead = (scans[queue] or {}).get(st.job_id)
+            if ahead is not None:
+                placed[st.job_id] = st.model_copy(
+                    update={"ahead": ahead, "detail": f"{ahead} ahead in {queue}"}
+                )
+        return [placed.get(s.job_id, s) for s in statuses]
+
     def _from_manifest(self, job_id: str) -> JobStatus | None:
         manifest = self.store.get_json(contract.manifest_key(job_id, self.settings.s3_prefix))
         if not manifest or "result" not in manifest:
@@ -251,9 +309,19 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         latest: dict[str, JobStatus] = {}
         pending = list(dict.fromkeys(job_ids))
+        counted_at = float("-inf")
+        places: dict[str, JobStatus] = {}
         while pending:
-            for job_id in list(pending):
-                st = self.status(job_id)
+            statuses = {job_id: self.status(job_id) for job_id in pending}
+            queued = [st for st in statuses.values() if st.state == "queued"]
+            if queued and time.monotonic() - counted_at >= POSITION_REFRESH_S:
+                counted_at = time.monotonic()
+                places = {st.job_id: st for st in self.with_queue_positions(queued)}
+            for st in queued:
+                place = places.get(st.job_id)
+                if place is not None and place.ahead is not None:
+                    statuses[st.job_id] = place
+            for job_id, st in statuses.items():
                 previous = latest.get(job_id)
                 latest[job_id] = st
                 if on_update is not None and (previous is None or previous != st):

@@ -421,6 +421,8 @@ class JobStatus(BaseModel):
     #: Denoising progress while running (from the worker's PROGRESS updates).
     step: int | None = None
     steps: int | None = None
+    #: While queued: jobs a worker takes before this one (None: not counted, e.g. deep queue).
+    ahead: int | None = None
 
     @property
     def done(self) -> bool:

@@ -6,6 +6,8 @@ import base64
 import json
 import random
 import string
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -18,7 +20,7 @@ from producer.client import CLAIM_KEY, Client
 from producer.contract import JobSpec
 from producer.errors import JobValidationError
 from producer.settings import ProducerSettings
-from tests.fleet_fixtures import settings_kwargs, wait_until
+from tests.fleet_fixtures import REPO, settings_kwargs, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -203,3 +205,31 @@ def test_kwargs_repr_is_celerys_saferepr() -> None:
     for length in range(850, 1100, 7):  # around the truncation limit
         kwargs = {"job": small_job(job_id="long", prompt="a" * length).model_dump(mode="json")}
         assert kwargs_repr(kwargs, 1024, 3) == saferepr(kwargs, 1024, maxlevels=3)
+
+
+def test_queued_jobs_show_their_place_in_line(idle_client: Client, fleet_env: dict) -> None:  # type: ignore[type-arg]
+    """`status` and `wait` tell a queued job how many jobs workers take before it: priority
+    first, then first come first served (by single submits and bulk alike)."""
+    queue = idle_client.settings.queue
+    early = [idle_client.submit(small_job(job_id=uid(f"line{i}"))) for i in range(2)]
+    late = submit_bulk(idle_client, [small_job(job_id=uid("line-bulk"))])[0]
+    urgent = idle_client.submit(small_job(job_id=uid("line-urgent")), priority=9)
+    order = [urgent, *early, late]
+    statuses = idle_client.with_queue_positions([idle_client.status(h.job_id) for h in order])
+    assert [s.state for s in statuses] == ["queued"] * 4
+    assert [s.ahead for s in statuses] == [0, 1, 2, 3]
+    assert statuses[3].detail == f"3 ahead in {queue}"
+
+    seen: list = []  # type: ignore[type-arg]
+    with pytest.raises(TimeoutError):  # no worker consumes this queue
+        idle_client.wait([late.job_id], timeout=1.5, on_update=seen.append)
+    assert seen and seen[-1].ahead == 3
+
+    env = {**fleet_env, "FLEET_QUEUE": queue}
+    out = subprocess.run([sys.executable, "-m", "producer", "status", late.job_id], env=env,
+                         capture_output=True, text=True, timeout=60, cwd=REPO)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "queued" in out.stdout and f"3 ahead in {queue}" in out.stdout
+
+    # A queue deeper than the scan limit is not read message by message.
+    assert idle_client.queue_positions(queue, limit=3) is None
