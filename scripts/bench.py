@@ -17,7 +17,7 @@ Figures (medians of several runs, each run measuring both sides of its ratio bac
 - fleet efficiency, overlapped worker: the same through a threads-pool worker with two jobs in
   flight (one generating, one storing). Goal >= 0.98.
 - batching gain: 64 compatible 64 px jobs queued at once, a batch worker (FLEET_BATCH_SIZE=8;
-  batch 4 reported too) / the default worker. Goal >= 2.5. The bare pipeline's images=B vs
+  batch 4 too in full runs) / the default worker. Goal >= 2.5. The bare pipeline's images=B vs
   images=1 gain is given for reference.
 - scale-out: two workers with one torch thread each / one worker with two threads, images/s over
   the same jobs. Goal >= 1.9.
@@ -65,7 +65,7 @@ Q_TWO = "bench.two"  # shared by the two one-thread workers
 Q_BULK = "bench.bulk"  # no consumer: counted with LLEN, then purged
 Q_OVL = "bench.overlap"  # the overlapped worker: threads pool, 2 jobs in flight, batch size 1
 Q_BATCH = "bench.batch{size}"  # batch workers: FLEET_BATCH_SIZE=size, 2 x size jobs in flight
-BATCH_SIZES = (8, 4)  # the first is the batching-gain figure; the others are reported with it
+BATCH_SIZES = (8, 4)  # the first is the batching-gain figure; the others (full run) for reference
 PROMPTS = (
     "a lighthouse on a cliff at dusk",
     "a red fox in fresh snow",
@@ -601,6 +601,7 @@ class Bench:
         self.latency_samples = 5 if self.quick else 9
         self.batch_repeats = 1 if self.quick else 3
         self.batch_jobs = 16 if self.quick else 64  # compatible jobs queued at once, 64 px
+        self.batch_sizes = BATCH_SIZES[:1] if self.quick else BATCH_SIZES
         self.run_dir = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
         self.procs: list[Proc] = []
         self.clients: list[Any] = []
@@ -682,7 +683,7 @@ class Bench:
                 pool="threads",
                 concurrency=2 * size,
             )
-            for size in BATCH_SIZES
+            for size in self.batch_sizes
         }
         self.pipe = PipelineProc(env_t, self.run_dir)
         workers = [self.w_one, self.w_b1, self.w_b2, self.noop, self.w_ovl,
@@ -697,7 +698,7 @@ class Bench:
         self.c_b1 = self.client(f"{Q_TWO}.a")
         self.c_b2 = self.client(f"{Q_TWO}.b")
         self.c_ovl = self.client(Q_OVL)
-        self.c_batch = {size: self.client(Q_BATCH.format(size=size)) for size in BATCH_SIZES}
+        self.c_batch = {size: self.client(Q_BATCH.format(size=size)) for size in self.batch_sizes}
         # --threads 1: the fleet-efficiency worker is a one-thread worker (its own queue).
         self.c_eff = self.c_one if self.threads == 2 else self.c_b1
         wait_ready(self.c_one.celery, workers, 180)
@@ -742,7 +743,7 @@ class Bench:
         if self.bare:
             bare_pair_run(self.bare, 2 * self.warmup, self.size, self.steps, 0)
         # the batching reference runs at 64 px with batches of 1 and up: warm those shapes too
-        for images in (1, *BATCH_SIZES):
+        for images in (1, *self.batch_sizes):
             self.pipe.call(600, op="loop", n=1, size=64, steps=self.steps, seed0=1, images=images)
         log(f"warm-up done in {time.monotonic() - began:.1f} s")
 
@@ -894,13 +895,13 @@ class Bench:
         n, size = self.batch_jobs, 64
         h1 = n // 2
         off_rates: list[float] = []
-        rates: dict[int, list[float]] = {b: [] for b in BATCH_SIZES}
-        gains: dict[int, list[float]] = {b: [] for b in BATCH_SIZES}
-        batch_sizes: dict[int, Counter[int]] = {b: Counter() for b in BATCH_SIZES}
+        rates: dict[int, list[float]] = {b: [] for b in self.batch_sizes}
+        gains: dict[int, list[float]] = {b: [] for b in self.batch_sizes}
+        batch_sizes: dict[int, Counter[int]] = {b: Counter() for b in self.batch_sizes}
         timeout = 60 + 5 * n
         for rep in range(self.batch_repeats):
             first = fleet_run(self.c_one, job_specs(n, size, self.steps, tag="boff")[:h1], timeout)
-            sizes = list(BATCH_SIZES) if rep % 2 == 0 else list(reversed(BATCH_SIZES))
+            sizes = list(self.batch_sizes) if rep % 2 == 0 else list(reversed(self.batch_sizes))
             on: dict[int, dict[str, Any]] = {}
             for b in sizes:
                 on[b] = fleet_run(self.c_batch[b], job_specs(n, size, self.steps, tag=f"b{b}"),
@@ -910,27 +911,28 @@ class Bench:
             second = fleet_run(self.c_one, specs, timeout)
             off = combine([first, second])["images_per_s"]
             off_rates.append(off)
-            for b in BATCH_SIZES:
+            for b in self.batch_sizes:
                 rates[b].append(n / on[b]["seconds"])
                 gains[b].append(rates[b][-1] / off)
             log(
                 f"batching run {rep + 1}/{self.batch_repeats}: off {off:.2f} img/s; "
                 + ", ".join(
-                    f"batch {b} {rates[b][-1]:.2f} img/s (x{gains[b][-1]:.2f})" for b in BATCH_SIZES
+                    f"batch {b} {rates[b][-1]:.2f} img/s (x{gains[b][-1]:.2f})"
+                    for b in self.batch_sizes
                 )
             )
-        bare: dict[int, list[float]] = {b: [] for b in BATCH_SIZES}
+        bare: dict[int, list[float]] = {b: [] for b in self.batch_sizes}
         bare_one: list[float] = []
         for _ in range(self.batch_repeats):
-            big = max(BATCH_SIZES)
+            big = max(self.batch_sizes)
             one = self.pipe.call(600, op="loop", n=big, size=size, steps=self.steps, seed0=5,
                                  images=1)  # fmt: skip
             bare_one.append(big / one["seconds"])
-            for b in BATCH_SIZES:
+            for b in self.batch_sizes:
                 many = self.pipe.call(600, op="loop", n=big // b, size=size, steps=self.steps,
                                       seed0=5, images=b)  # fmt: skip
                 bare[b].append((big / many["seconds"]) / bare_one[-1])
-        main = BATCH_SIZES[0]
+        main = self.batch_sizes[0]
         per_size = {
             str(b): {
                 "gain": median(gains[b]),
@@ -939,14 +941,14 @@ class Bench:
                 "jobs_by_call_size": {str(k): v for k, v in sorted(batch_sizes[b].items())},
                 "bare_pipeline_gain": median(bare[b]),
             }
-            for b in BATCH_SIZES
+            for b in self.batch_sizes
         }
         log(
             "batching gain: "
             + ", ".join(
                 f"batch {b} x{per_size[str(b)]['gain']:.2f} (bare pipeline "
                 f"x{per_size[str(b)]['bare_pipeline_gain']:.2f})"
-                for b in BATCH_SIZES
+                for b in self.batch_sizes
             )
         )
         return {
@@ -963,14 +965,14 @@ class Bench:
             "spread": round(spread(gains[main]), 4),
             "by_batch_size": per_size,
             "worker_on": f"--pool threads --concurrency 2 x B, FLEET_BATCH_SIZE=B, "
-            f"FLEET_TORCH_THREADS=2 (B = {', '.join(str(b) for b in BATCH_SIZES)})",
+            f"FLEET_TORCH_THREADS=2 (B = {', '.join(str(b) for b in self.batch_sizes)})",
             "worker_off": "the default worker: --pool prefork --concurrency 1, "
             "FLEET_TORCH_THREADS=2",
             "reference_bare_pipeline": {
                 "what": "Engine.generate with images=B in one call vs images=1 B times; "
                 "64 px, 20 steps, medium model, one process",
                 "batch1_images_per_s": median(bare_one),
-                "gain_by_batch_size": {str(b): median(bare[b]) for b in BATCH_SIZES},
+                "gain_by_batch_size": {str(b): median(bare[b]) for b in self.batch_sizes},
                 "torch_threads": self.pipeline_threads,
             },
         }
@@ -1220,7 +1222,7 @@ class Bench:
                 "latency_samples": self.latency_samples,
                 "batching_jobs": self.batch_jobs,
                 "batching_repeats": self.batch_repeats,
-                "batch_sizes": list(BATCH_SIZES),
+                "batch_sizes": list(self.batch_sizes),
                 "device": "cpu",
             },
             "figures": figures,
