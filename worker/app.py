@@ -16,7 +16,7 @@ from celery.signals import (
     worker_shutdown,
 )
 
-from producer.contract import DEFAULT_QUEUE, PRIORITY_TRANSPORT_OPTIONS
+from producer.contract import DEFAULT_QUEUE, PRIORITY_TRANSPORT_OPTIONS, WEBHOOK_QUEUE
 from worker.heartbeat import Heartbeat
 from worker.settings import WorkerSettings
 
@@ -88,6 +88,18 @@ def _json_logs(logger: logging.Logger | None = None, **_: Any) -> None:
 @worker_process_init.connect
 def _warm_up_in_child(**_: Any) -> None:
     """Load the pipeline in the pool child, in a thread: Celery kills init handlers after 4 s."""
+    _warm_up()
+
+
+def _runs_tasks_in_this_process(consumer: Any) -> bool:
+    """True for the threads and solo pools: no pool child, so no worker_process_init either,
+    and the pipeline is loaded in the main process. Never for prefork (its parent must not load
+    torch before forking)."""
+    pool = getattr(consumer, "pool", None)
+    return pool is not None and not type(pool).__module__.endswith(".prefork")
+
+
+def _warm_up() -> None:
     settings = WorkerSettings()
     if not settings.warmup or not settings.model:
         return
@@ -120,6 +132,8 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
         settings.heartbeat_ttl_s,
     )
     _heartbeat.start()
+    if sender is not None and _runs_tasks_in_this_process(sender) and set(queues) - {WEBHOOK_QUEUE}:
+        _warm_up()  # the first job should not pay the model load on a threads-pool worker
     if settings.metrics_port:
         from worker.metrics import serve
 

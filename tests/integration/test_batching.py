@@ -15,6 +15,7 @@ import torch
 from producer import contract
 from producer.client import Client
 from producer.contract import JobSpec
+from tests.fleet_fixtures import wait_until
 from worker.engine import Engine
 from worker.recipe import image_recipe, png_bytes
 from worker.settings import WorkerSettings
@@ -114,3 +115,10 @@ def test_overlapped_worker_generates_one_job_at_a_time_with_the_default_workers_
         alone = engine.generate(spec)
         expected = png_bytes(alone.images[0], image_recipe(spec, spec.seed, "tiny", None))
         assert store.get_bytes(contract.image_key(spec.job_id, 0)) == expected
+
+
+def test_a_threads_pool_worker_loads_its_model_before_the_first_job(start_worker, queue) -> None:  # type: ignore[no-untyped-def]
+    """No pool child means no worker_process_init: the worker loads the pipeline when it is
+    ready instead, so its first job does not pay the load."""
+    w = start_worker("warm-threads", queues=queue, pool="threads", concurrency=2)
+    wait_until(lambda: "model ready in" in w.log(), 60, "the model loaded with no job sent")

@@ -64,7 +64,7 @@ def test_webhook_is_signed_retried_and_sent_for_success_and_failure(
     queue = f"fleet.hooks-{uuid.uuid4().hex[:6]}"
     env = {"FLEET_WEBHOOK_SECRET": SECRET, "FLEET_WEBHOOK_ALLOW_PRIVATE": "true"}
     start_worker("gen-hooks", queues=queue, **env)
-    start_worker("hooks", queues=WEBHOOK_QUEUE, pool="threads", concurrency=4, **env)
+    hooks = start_worker("hooks", queues=WEBHOOK_QUEUE, pool="threads", concurrency=4, **env)
     settings = ProducerSettings(_env_file=None, **settings_kwargs({**fleet_env, **env}))
     settings.queue = queue
     with Client(settings) as c:
@@ -93,3 +93,6 @@ def test_webhook_is_signed_retried_and_sent_for_success_and_failure(
         failed = json.loads(receiver.requests[3][1])
         assert failed["job_id"] == bad.job_id and failed["status"] == "failed"
         assert "serves 'tiny'" in failed["error"]
+    # The webhooks worker runs the threads pool but serves no generation queue: it never loads
+    # the model (threads-pool workers that do serve one load it at start).
+    assert "model ready in" not in hooks.log()
