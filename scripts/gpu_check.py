@@ -210,31 +210,28 @@ def run_fleet(medium: Path, workdir: Path, batch: int, overlap: bool = False) ->
             log.close()
 
 
-@step("fleet_pinned_fp16_redis_s3")
-def fleet(medium: Path, workdir: Path) -> dict:
-    out = run_fleet(medium, workdir, batch=1)
+def vs_in_process(out: dict, key: str) -> dict:
+    """``out`` with its images/s over the in-process batch-1 rate measured earlier, as ``key``."""
     bare = RESULTS.get("pinned_fp16_in_process", {}).get("images_per_s_batch1")
     if bare:
-        out["efficiency_vs_in_process_batch1"] = round(out["images_per_s"] / bare, 3)
+        out[key] = round(out["images_per_s"] / bare, 3)
     return out
+
+
+@step("fleet_pinned_fp16_redis_s3")
+def fleet(medium: Path, workdir: Path) -> dict:
+    return vs_in_process(run_fleet(medium, workdir, batch=1), "efficiency_vs_in_process_batch1")
 
 
 @step("fleet_batch_worker_fp16")
 def fleet_batched(medium: Path, workdir: Path) -> dict:
-    out = run_fleet(medium, workdir, batch=4)
-    bare = RESULTS.get("pinned_fp16_in_process", {}).get("images_per_s_batch1")
-    if bare:
-        out["gain_vs_in_process_batch1"] = round(out["images_per_s"] / bare, 3)
-    return out
+    return vs_in_process(run_fleet(medium, workdir, batch=4), "gain_vs_in_process_batch1")
 
 
 @step("fleet_overlapped_worker_fp16")
 def fleet_overlapped(medium: Path, workdir: Path) -> dict:
     out = run_fleet(medium, workdir, batch=1, overlap=True)
-    bare = RESULTS.get("pinned_fp16_in_process", {}).get("images_per_s_batch1")
-    if bare:
-        out["efficiency_vs_in_process_batch1"] = round(out["images_per_s"] / bare, 3)
-    return out
+    return vs_in_process(out, "efficiency_vs_in_process_batch1")
 
 
 def main() -> int:
