@@ -1,6 +1,6 @@
 """Write the fleet's docker-compose.yml with one worker service per GPU.
 
-    scripts/compose-gpus N [--balanced-gpus 2,3] [--stop-grace-period 10m] [-o FILE]
+    scripts/compose-gpus N [--balanced-gpus 2,3] [--stop-grace-period 10m] [--batch B] [-o FILE]
 
 Docker Compose cannot pin the replicas of one scaled service to different GPUs
 (docker/compose#11863), so each GPU gets a service of its own (worker-gpu0 ... worker-gpu{N-1})
@@ -277,7 +277,7 @@ GPU_WORKER = """
     environment:
       <<: *worker-env
       FLEET_DEVICE: cuda
-      FLEET_PLACEMENT: pinned
+      FLEET_PLACEMENT: pinned{batch_env}
     deploy:
       resources:
         reservations:
@@ -295,9 +295,14 @@ WEBHOOKS_ARGV = (
 )
 
 
-def worker_argv(queue: str, node: str) -> list[str]:
-    """The documented worker command line (README), for one queue and Celery node name."""
-    return WORKER_ARGV.format(queue=queue, node=node).split()
+def worker_argv(queue: str, node: str, batch: int = 1) -> list[str]:
+    """The documented worker command line (README), for one queue and Celery node name; a batch
+    worker runs the threads pool with twice its batch size in flight (docs/batching.md)."""
+    argv = WORKER_ARGV.format(queue=queue, node=node).split()
+    if batch > 1:
+        argv[argv.index("--pool") + 1] = "threads"
+        argv[argv.index("--concurrency") + 1] = str(2 * batch)
+    return argv
 
 
 def _flow(argv: list[str]) -> str:
@@ -311,11 +316,17 @@ def default_balanced_gpus(gpus: int) -> list[int]:
 
 
 def render(
-    gpus: int, balanced_gpus: list[int] | None = None, stop_grace_period: str = DEFAULT_GRACE
+    gpus: int,
+    balanced_gpus: list[int] | None = None,
+    stop_grace_period: str = DEFAULT_GRACE,
+    batch: int = 1,
 ) -> str:
-    """The complete docker-compose.yml text for ``gpus`` per-GPU workers."""
+    """The complete docker-compose.yml text for ``gpus`` per-GPU workers (batch workers with
+    ``batch`` > 1)."""
     if gpus < 1:
         raise ValueError("the number of GPUs must be at least 1")
+    if batch < 1:
+        raise ValueError(f"batch size {batch}: use 1 (no batching) or more")
     if not re.fullmatch(r"(\d+h)?(\d+m)?(\d+s)?", stop_grace_period) or not stop_grace_period:
         raise ValueError(f"stop grace period {stop_grace_period!r}: use e.g. 10m, 1h30m or 600s")
     default = default_balanced_gpus(gpus)
@@ -327,8 +338,14 @@ def render(
         invocation += " --balanced-gpus " + ",".join(map(str, balanced))
     if stop_grace_period != DEFAULT_GRACE:
         invocation += f" --stop-grace-period {stop_grace_period}"
+    if batch > 1:
+        invocation += f" --batch {batch}"
+    batch_env = f'\n      FLEET_BATCH_SIZE: "{batch}"' if batch > 1 else ""
     gpu_workers = "".join(
-        GPU_WORKER.format(i=i, command=_flow(worker_argv("fleet", f"gpu{i}"))) for i in range(gpus)
+        GPU_WORKER.format(
+            i=i, command=_flow(worker_argv("fleet", f"gpu{i}", batch)), batch_env=batch_env
+        )
+        for i in range(gpus)
     )
     header = HEADER.format(
         invocation=invocation, last=gpus - 1, balanced=",".join(map(str, balanced))
@@ -369,10 +386,17 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_GRACE,
         help=f"how long a stopping worker may finish its job (default {DEFAULT_GRACE})",
     )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        metavar="B",
+        help="per-GPU workers as batch workers: up to B compatible jobs per pipeline call",
+    )
     parser.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
     args = parser.parse_args(argv)
     try:
-        text = render(args.gpus, args.balanced_gpus, args.stop_grace_period)
+        text = render(args.gpus, args.balanced_gpus, args.stop_grace_period, args.batch)
     except ValueError as exc:
         parser.error(str(exc))
     if args.output is None:

@@ -364,6 +364,23 @@ def test_generator_writes_n_gpu_workers(tmp_path: Path) -> None:
     assert {**balanced_four, "deploy": None} == {**balanced_two, "deploy": None}
 
 
+def test_generator_makes_batch_workers_on_request(tmp_path: Path) -> None:
+    """`--batch 4`: each GPU worker a batch worker (threads pool, 8 jobs in flight, batch size
+    in its environment); the balanced and CPU workers stay prefork."""
+    out = tmp_path / "docker-compose.yml"
+    out.write_text(generate("2", "--batch", "4"))
+    assert "scripts/compose-gpus 2 --batch 4" in out.read_text()
+    config = resolved(tmp_path, file=out)
+    for svc in gpu_workers(config).values():
+        assert option(svc["command"], "--pool") == "threads"
+        assert option(svc["command"], "--concurrency") == "8"
+        assert svc["environment"]["FLEET_BATCH_SIZE"] == "4"
+    for name in ("worker-balanced", "worker-cpu"):
+        svc = config["services"][name]
+        assert option(svc["command"], "--pool") == "prefork"
+        assert "FLEET_BATCH_SIZE" not in svc["environment"]
+
+
 def test_generator_options_and_errors(tmp_path: Path) -> None:
     text = generate("1", "--balanced-gpus", "2,3", "--stop-grace-period", "30m")
     assert "scripts/compose-gpus 1 --balanced-gpus 2,3 --stop-grace-period 30m" in text
@@ -374,7 +391,8 @@ def test_generator_options_and_errors(tmp_path: Path) -> None:
     assert device_ids(config["services"]["worker-balanced"]) == ["2", "3"]
     assert seconds(config["services"]["worker-gpu0"]["stop_grace_period"]) == 1800
     assert generate("3") == generate("3")  # deterministic
-    for bad in (["0"], ["2", "--balanced-gpus", "x"], ["2", "--balanced-gpus", "3,3"]):
+    for bad in (["0"], ["2", "--balanced-gpus", "x"], ["2", "--balanced-gpus", "3,3"],
+                ["2", "--batch", "0"]):  # fmt: skip
         proc = subprocess.run(
             [str(GENERATOR), *bad],
             env={**os.environ, "PYTHON": sys.executable},
