@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import argparse
 import atexit
 import contextlib
@@ -295,8 +296,9 @@ def _signal_group(pgid: int, sig: int) -> None:
 _S = TypeVar("_S", bound="_Service")
 
 
-class _Service:
-    """A server subprocess in its own process group, logging to a file, stopped on exit."""
+class _Service(abc.ABC):
+    """A server subprocess in its own process group, logging to a file, stopped on exit.
+    Subclasses say how to start theirs (``start``)."""
 
     name = "service"
     stop_timeout = 10.0
@@ -349,8 +351,9 @@ class _Service:
             self.stop()
             self.start()
 
-    def start(self: _S) -> _S:  # overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def start(self: _S) -> _S:
+        """Start the server and wait until it answers; returns self."""
 
     # -- internals
 
