@@ -31,9 +31,9 @@ from typing import Any
 
 from celery.utils.saferepr import saferepr
 
-from producer import contract
-from producer.client import CLAIM_KEY, Client, JobHandle, check_priority
-from producer.contract import JobSpec
+from fleet import contract
+from fleet.contract import JobSpec
+from producer.client import Client, JobHandle, check_priority
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _claim(client: Client, specs: Sequence[JobSpec], queues: Sequence[str]) -> l
     ttl = client.settings.job_claim_ttl_s
     with client.redis.pipeline(transaction=False) as pipe:
         for spec, queue in zip(specs, queues, strict=True):
-            pipe.set(CLAIM_KEY.format(job_id=spec.job_id), queue, nx=True, ex=ttl)
+            pipe.set(contract.CLAIM_KEY.format(job_id=spec.job_id), queue, nx=True, ex=ttl)
         replies = pipe.execute(raise_on_error=False)
     errors = [r for r in replies if isinstance(r, Exception)]
     if errors:  # free what this call did claim (never ids claimed before), then fail
@@ -123,7 +123,7 @@ def _duplicate_handles(
 ) -> None:
     with client.redis.pipeline(transaction=False) as pipe:
         for i in indexes:
-            pipe.get(CLAIM_KEY.format(job_id=specs[i].job_id))
+            pipe.get(contract.CLAIM_KEY.format(job_id=specs[i].job_id))
         priors = pipe.execute()
     for i, prior in zip(indexes, priors, strict=True):
         queue = prior.decode() if isinstance(prior, bytes) else queues[i]
@@ -136,7 +136,7 @@ def _release(client: Client, specs: Sequence[JobSpec]) -> None:
     try:
         with client.redis.pipeline(transaction=False) as pipe:
             for spec in specs:
-                pipe.delete(CLAIM_KEY.format(job_id=spec.job_id))
+                pipe.delete(contract.CLAIM_KEY.format(job_id=spec.job_id))
             pipe.execute()
     except Exception as exc:
         log.warning("could not release %d claim(s): %s", len(specs), exc)

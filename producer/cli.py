@@ -11,10 +11,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fleet.contract import SCHEDULERS, JobStatus
+from fleet.errors import FleetError, JobValidationError
+from fleet.settings import ProducerSettings
 from producer.client import Client
-from producer.contract import SCHEDULERS, JobStatus
-from producer.errors import FleetError, JobValidationError
-from producer.settings import ProducerSettings
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT = 0, 1, 2, 3
 #: Up to this many jobs, `wait` shows one progress bar per job; above, one bar for all.

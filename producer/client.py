@@ -12,21 +12,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import redis
-from celery import Celery
 from celery.result import AsyncResult
 
-from producer import contract
-from producer.contract import JobResult, JobSpec, JobStatus, validate_job
-from producer.errors import FleetError, JobFailed, JobValidationError
-from producer.settings import ProducerSettings
-from producer.storage import ObjectStore
+from fleet import contract
+from fleet.celeryconf import make_celery
+from fleet.contract import JobResult, JobSpec, JobStatus, validate_job
+from fleet.errors import FleetError, JobFailed, JobValidationError
+from fleet.settings import ProducerSettings
+from fleet.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-#: Redis key that reserves a job id, so the same id submitted twice makes one job.
-CLAIM_KEY = "fleet:job:{job_id}"
-#: Redis list of failures the workers could not write to S3 while it was down.
-UNSTORED_FAILURES_KEY = "fleet:failures:unstored"
 #: Queued jobs get their place in line only while their queue holds at most this many messages
 #: (counting reads every message; a deeper queue is not scanned).
 POSITION_SCAN_LIMIT = 1000
@@ -36,25 +32,6 @@ POSITION_REFRESH_S = 1.0
 _MESSAGE_ID = re.compile(rb'"id":\s*"([^"]+)"')
 
 _RUNNING_STATES = {"STARTED", "PROGRESS", "RETRY"}
-
-
-def make_celery_client(settings: ProducerSettings) -> Celery:
-    """A Celery app for sending and reading results only: it knows task names, not task code."""
-    app = Celery("fleet-producer", broker=settings.redis_url, backend=settings.backend_url)
-    app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        result_extended=True,
-        task_default_queue=settings.queue,
-        broker_connection_retry_on_startup=True,
-        broker_transport_options={
-            **contract.PRIORITY_TRANSPORT_OPTIONS,
-            "visibility_timeout": settings.visibility_timeout_s,
-        },
-    )
-    return app
 
 
 def _ended(
@@ -95,7 +72,8 @@ class Client:
 
     def __init__(self, settings: ProducerSettings | None = None) -> None:
         self.settings = settings or ProducerSettings()
-        self.celery = make_celery_client(self.settings)
+        # Knows task names, not task code: it sends and reads results only.
+        self.celery = make_celery("fleet-producer", self.settings)
         self._redis: redis.Redis | None = None
         self._store: ObjectStore | None = None
 
@@ -164,7 +142,7 @@ class Client:
         priority: int = contract.DEFAULT_PRIORITY,
     ) -> JobHandle:
         queue = self.queue_for(spec)
-        claim = CLAIM_KEY.format(job_id=spec.job_id)
+        claim = contract.CLAIM_KEY.format(job_id=spec.job_id)
         claimed = self.redis.set(claim, queue, nx=True, ex=self.settings.job_claim_ttl_s)
         if not claimed:
             log.info("job %s was submitted before; not enqueued again", spec.job_id)
@@ -230,7 +208,7 @@ class Client:
         from_store = self._from_manifest(job_id)
         if from_store is not None:
             return from_store
-        if self.redis.exists(CLAIM_KEY.format(job_id=job_id)):
+        if self.redis.exists(contract.CLAIM_KEY.format(job_id=job_id)):
             return JobStatus(job_id=job_id, state="queued")
         return JobStatus(
             job_id=job_id, state="unknown", detail="no such job known to Redis or storage"
@@ -270,7 +248,7 @@ class Client:
         queued = [s for s in statuses if s.state == "queued"]
         if not queued:
             return statuses
-        names = self.redis.mget([CLAIM_KEY.format(job_id=s.job_id) for s in queued])
+        names = self.redis.mget([contract.CLAIM_KEY.format(job_id=s.job_id) for s in queued])
         scans: dict[str, dict[str, int] | None] = {}
         placed: dict[str, JobStatus] = {}
         for st, name in zip(queued, names, strict=True):
@@ -419,7 +397,9 @@ class Client:
     def failed(self, limit: int | None = None, include_retried: bool = False) -> list[dict]:
         """Failed jobs, from the durable failure index in S3 (newest first)."""
         # Failures recorded while storage was down wait in Redis (see worker/tasks.py).
-        entries = [json.loads(raw) for raw in self.redis.lrange(UNSTORED_FAILURES_KEY, 0, -1)]
+        entries = [
+            json.loads(raw) for raw in self.redis.lrange(contract.UNSTORED_FAILURES_KEY, 0, -1)
+        ]
         for key in self.store.list_keys(contract.failures_prefix(self.settings.s3_prefix)):
             entry = self.store.get_json(key)
             if entry is not None and (include_retried or not entry.get("retried_as")):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from producer.errors import FleetError
+from fleet.errors import FleetError
 
 if TYPE_CHECKING:
     from producer.client import Client

@@ -3,7 +3,7 @@
 
     scripts/bench [--quick] [--out DIR] [--threads 1|2] [--jobs N] [--repeats R]
 
-Starts its own Redis and SeaweedFS S3 (producer.local_services.LocalServices, free loopback
+Starts its own Redis and SeaweedFS S3 (fleet.localdev.LocalServices, free loopback
 ports), real `celery worker` processes (prefork with one child; threads-pool overlapped and
 batch workers) serving the random-weight `medium` model, a bare pipeline process and a trivial
 Celery app; measures; stops everything (also on errors and Ctrl-C); writes results.json and
@@ -120,9 +120,9 @@ def pipeline_role() -> int:
     """Keep Engine warm; answer one JSON command per stdin line with one JSON line."""
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # library prints and progress bars go to the log, not the protocol
-    from producer.contract import JobSpec
-    from worker.engine import Engine
-    from worker.settings import WorkerSettings
+    from fleet.contract import JobSpec
+    from fleet.settings import WorkerSettings
+    from worker.engine.engine import Engine
 
     try:
         import diffusers.utils.logging as dlog
@@ -176,8 +176,8 @@ def make_noop_app(redis_url: str) -> Any:
     """A tiny Celery app with the fleet workers' Celery settings and one trivial task."""
     from celery import Celery
 
+    from fleet.settings import WorkerSettings
     from worker.app import celery_config
-    from worker.settings import WorkerSettings
 
     app = Celery("fleet-bench-noop")
     app.conf.update(
@@ -354,7 +354,7 @@ def job_specs(
     n: int, size: int, steps: int, seed0: int = 1000, tag: str = "job", offset: int = 0
 ) -> list[Any]:
     """The job set: the same prompts and seeds as the in-process loop, fresh ids."""
-    from producer.contract import JobSpec
+    from fleet.contract import JobSpec
 
     run = uuid.uuid4().hex[:8]
     return [
@@ -644,8 +644,8 @@ class Bench:
         return env
 
     def client(self, queue: str) -> Any:
+        from fleet.settings import ProducerSettings
         from producer.client import Client
-        from producer.settings import ProducerSettings
 
         env = self.services.endpoints.env()
         kwargs = {k.removeprefix("FLEET_").lower(): v for k, v in env.items()}
@@ -655,7 +655,7 @@ class Bench:
         return c
 
     def start(self) -> None:
-        from producer.local_services import LocalServices
+        from fleet.localdev import LocalServices
 
         log(f"run directory {self.run_dir}")
         model = self.model_dir()
@@ -1018,10 +1018,9 @@ class Bench:
         }
 
     def bulk(self) -> dict[str, Any]:
-        from producer import contract
+        from fleet import contract
+        from fleet.contract import JobSpec
         from producer.bulk import submit_bulk
-        from producer.client import CLAIM_KEY
-        from producer.contract import JobSpec
 
         def specs(tag: str) -> list[JobSpec]:
             run = uuid.uuid4().hex[:8]
@@ -1049,7 +1048,7 @@ class Bench:
             c.redis.delete(*keys)
             with c.redis.pipeline(transaction=False) as pipe:
                 for s in jobs:
-                    pipe.delete(CLAIM_KEY.format(job_id=s.job_id))
+                    pipe.delete(contract.CLAIM_KEY.format(job_id=s.job_id))
                 pipe.execute()
             return sample
 
@@ -1609,7 +1608,7 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         "- **Fleet efficiency**: N jobs submitted at once with `Client.submit_many` to a queue "
         "served by one real `celery worker` (prefork, 1 child); the clock stops when the "
         "client has every result (Celery result over Redis pub/sub, i.e. after the PNGs and "
-        "manifest are in S3). Baseline: `worker.engine.Engine.generate` on the same jobs "
+        "manifest are in S3). Baseline: `worker.engine.engine.Engine.generate` on the same jobs "
         "(same prompts, seeds, size, steps) in a loop in one process with the same FLEET_* "
         "settings, half of its N images right before the fleet run and half right after, so "
         "that a steady drift in the machine's speed cancels out (ABBA). Per job: fleet "

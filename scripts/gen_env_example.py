@@ -8,13 +8,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pydantic_settings import BaseSettings
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from producer.settings import FleetSettings, ProducerSettings  # noqa: E402
-from worker.settings import WorkerSettings  # noqa: E402
+from fleet.settings import GROUPS  # noqa: E402
 
 
 def _value(v: object) -> str:
@@ -37,21 +34,14 @@ def render() -> str:
         "",
     ]
 
-    def section(title: str, cls: type[BaseSettings], skip: set[str]) -> None:
-        lines.append(f"# ---- {title}")
-        for name, field in cls.model_fields.items():
-            if name in skip:
-                continue
+    for group in GROUPS:
+        lines.append(f"# ---- {(group.__doc__ or group.__name__).splitlines()[0]}")
+        for name, field in group.model_fields.items():
             default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
             if field.description:
                 lines.append(f"# {field.description}")
             lines.append(f"FLEET_{name.upper()}={_value(default)}")
         lines.append("")
-
-    shared = set(FleetSettings.model_fields)
-    section("shared by producer and workers", FleetSettings, set())
-    section("producer only", ProducerSettings, shared)
-    section("worker only", WorkerSettings, shared)
     return "\n".join(lines)
 
 

@@ -21,9 +21,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from producer.contract import validate_job  # noqa: E402
-from worker.engine import Engine  # noqa: E402
-from worker.settings import WorkerSettings  # noqa: E402
+from fleet.contract import validate_job  # noqa: E402
+from fleet.settings import WorkerSettings  # noqa: E402
+from worker.engine.engine import Engine  # noqa: E402
 from worker.testmodel import build_test_model  # noqa: E402
 
 RESULTS: dict[str, Any] = {}
@@ -161,10 +161,10 @@ def seq_offload(medium: Path) -> dict:
 def run_fleet(medium: Path, workdir: Path, batch: int, overlap: bool = False) -> dict:
     """Jobs through a real worker on cuda:0 with Redis and SeaweedFS; batch > 1: a batch worker;
     overlap: the threads pool with two jobs in flight at batch size 1 (`launch --overlap`)."""
+    from fleet.contract import JobSpec
+    from fleet.localdev import local_services
+    from fleet.settings import ProducerSettings
     from producer.client import Client
-    from producer.contract import JobSpec
-    from producer.local_services import local_services
-    from producer.settings import ProducerSettings
 
     name = f"b{batch}" + ("-overlap" if overlap else "")
     with local_services(workdir=workdir / f"services-{name}") as ep:

@@ -14,7 +14,7 @@ from tests.fleet_fixtures import REPO, WorkerProcess, settings_kwargs
 
 @pytest.fixture(scope="session")
 def endpoints(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from producer.local_services import local_services
+    from fleet.localdev import local_services
 
     with local_services(workdir=tmp_path_factory.mktemp("services")) as ep:
         yield ep
@@ -73,8 +73,8 @@ def worker(start_worker: Callable[..., WorkerProcess]) -> WorkerProcess:
 
 @pytest.fixture()
 def client(fleet_env: dict) -> Iterator:  # type: ignore[type-arg]
+    from fleet.settings import ProducerSettings
     from producer.client import Client
-    from producer.settings import ProducerSettings
 
     with Client(ProducerSettings(_env_file=None, **settings_kwargs(fleet_env))) as c:
         yield c
@@ -82,8 +82,8 @@ def client(fleet_env: dict) -> Iterator:  # type: ignore[type-arg]
 
 @pytest.fixture()
 def store(fleet_env: dict):  # type: ignore[no-untyped-def]
-    from producer.settings import ProducerSettings
-    from producer.storage import ObjectStore
+    from fleet.settings import ProducerSettings
+    from fleet.storage import ObjectStore
 
     return ObjectStore(ProducerSettings(_env_file=None, **settings_kwargs(fleet_env)))
 
@@ -97,8 +97,8 @@ def queue() -> str:
 @pytest.fixture()
 def qclient(fleet_env: dict, queue: str) -> Iterator:  # type: ignore[type-arg]
     """A producer client that sends to ``queue``."""
+    from fleet.settings import ProducerSettings
     from producer.client import Client
-    from producer.settings import ProducerSettings
 
     settings = ProducerSettings(_env_file=None, **settings_kwargs(fleet_env))
     settings.queue = queue

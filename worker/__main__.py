@@ -7,8 +7,8 @@ import json
 import socket
 import sys
 
-from worker.heartbeat import alive_nodes, read_info
-from worker.settings import WorkerSettings
+from fleet.settings import WorkerSettings
+from worker.ops.heartbeat import alive_nodes, read_info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("status", help="workers with a fresh heartbeat and their devices")
     s.add_argument("--json", action="store_true")
     launch = sub.add_parser("launch", help="one supervised worker per GPU (or --cpu N)")
-    from worker.launch import add_arguments
+    from worker.ops.launch import add_arguments
 
     add_arguments(launch)
     args = parser.parse_args(argv)
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                     + (f"  device_map={r['hf_device_map']}" if r.get("hf_device_map") else "")
                 )
         return 0
-    from worker.launch import run_launcher
+    from worker.ops.launch import run_launcher
 
     return run_launcher(args)
 

@@ -16,62 +16,50 @@ from celery.signals import (
     worker_shutdown,
 )
 
-from producer.contract import DEFAULT_QUEUE, PRIORITY_TRANSPORT_OPTIONS, WEBHOOK_QUEUE
-from worker.heartbeat import Heartbeat
-from worker.settings import WorkerSettings
+from fleet.celeryconf import celery_config, make_celery
+from fleet.contract import WEBHOOK_QUEUE
+from fleet.errors import JobExpired
+from fleet.settings import WorkerSettings
+from worker.ops.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
 
-def celery_config(settings: WorkerSettings) -> dict[str, Any]:
-    """The Celery settings the fleet relies on (reliability and the JSON-only contract)."""
+def worker_config(settings: WorkerSettings) -> dict[str, Any]:
+    """The shared Celery configuration plus what only a worker needs (reliability, events)."""
+    shared = celery_config(settings)
     return {
-        "broker_url": settings.redis_url,
+        **shared,
         # Kombu's Redis transport, but a garbage list entry cannot stop the worker.
-        "broker_transport": "worker.transport:Transport",
-        "result_backend": settings.backend_url,
-        "result_expires": settings.result_expires_s,
-        "result_extended": True,
-        # JSON only: pickle from the queue would run arbitrary code in the worker.
-        "task_serializer": "json",
-        "result_serializer": "json",
-        "accept_content": ["json"],
-        "result_accept_content": ["json"],
+        "broker_transport": "worker.ops.transport:Transport",
         # A job is acknowledged after it ran, so a killed worker's job is delivered again.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_track_started": True,
-        "task_default_queue": settings.queue or DEFAULT_QUEUE,
-        "task_create_missing_queues": True,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
-            **PRIORITY_TRANSPORT_OPTIONS,
-            "visibility_timeout": settings.visibility_timeout_s,
+            **shared["broker_transport_options"],
             "unacked_restore_interval": settings.unacked_restore_interval_s,
             "unacked_restore_throttle": settings.unacked_restore_throttle,
         },
-        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        # Registers the tasks by name; worker.tasks imports no torch at module level either.
+        "include": ["worker.tasks"],
     }
 
 
 def create_app(settings: WorkerSettings | None = None) -> Celery:
     settings = settings or WorkerSettings()
-    app = Celery("fleet")
-    app.conf.update(celery_config(settings))
-    # Registers the task by name; worker.tasks imports no torch at module level either.
-    app.conf.update(include=["worker.tasks", "worker.webhooks"])
-    return app
+    return make_celery("fleet", settings, **worker_config(settings))
 
 
 app = create_app()
 
 if WorkerSettings().metrics_port:
     # Before anything imports prometheus_client, and before the pool forks.
-    from worker.metrics import prepare_multiprocess_dir
+    from worker.ops.metrics import prepare_multiprocess_dir
 
     prepare_multiprocess_dir()
 
@@ -80,7 +68,7 @@ if WorkerSettings().metrics_port:
 @after_setup_task_logger.connect
 def _json_logs(logger: logging.Logger | None = None, **_: Any) -> None:
     if logger is not None and WorkerSettings().log_format == "json":
-        from worker.logs import use_json
+        from worker.ops.logs import use_json
 
         use_json(logger)
 
@@ -105,7 +93,7 @@ def _warm_up() -> None:
         return
 
     def load() -> None:
-        from worker.tasks import get_engine
+        from worker.runtime import get_engine
 
         try:
             get_engine().setup()
@@ -135,7 +123,7 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     if sender is not None and _runs_tasks_in_this_process(sender) and set(queues) - {WEBHOOK_QUEUE}:
         _warm_up()  # the first job should not pay the model load on a threads-pool worker
     if settings.metrics_port:
-        from worker.metrics import serve
+        from worker.ops.metrics import serve
 
         try:
             serve(settings.metrics_port)
@@ -154,24 +142,15 @@ def _record_expired(request: Any = None, expired: bool = False, **_: Any) -> Non
     """A job past its deadline is not started; record that, since results expire."""
     if not expired or request is None:
         return
-    from producer.storage import ObjectStore
-    from worker.failures import raw_failure_manifest, write_failure
+    from worker.records import record_raw_failure
+    from worker.runtime import get_redis, get_settings, get_store
 
-    settings = WorkerSettings()
     job = (request.kwargs or {}).get("job")
-    job_id = job.get("job_id") if isinstance(job, dict) else request.id
-    if not isinstance(job_id, str):
-        return
+    if not isinstance(job, dict):
+        job = {"job_id": request.id}
     try:
-        store = ObjectStore(settings, create_bucket=False)
-        manifest = raw_failure_manifest(
-            job_id,
-            job,
-            "expired: not started before its deadline",
-            "JobExpired",
-            store.bucket,
-            settings.s3_prefix,
-        )
-        write_failure(store, settings.s3_prefix, manifest)
+        store = get_store()
+        error = JobExpired("expired: not started before its deadline")
+        record_raw_failure(store, get_redis(), get_settings().s3_prefix, job, error)
     except Exception:
-        log.exception("could not record the expiry of job %s", job_id)
+        log.exception("could not record the expiry of job %s", job.get("job_id"))

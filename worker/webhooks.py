@@ -1,7 +1,6 @@
-"""Webhook delivery: a light Celery task on its own queue, signed, retried with backoff.
-
-A finished job (succeeded, failed or cancelled) enqueues one delivery; a killed worker loses
-none (late acks), and a slow receiver never blocks the next job. No torch here.
+"""Webhook delivery: a finished job (succeeded, failed or cancelled) queues one signed POST on
+its own light queue (task ``fleet.webhook`` in ``worker.tasks``), retried with backoff; a killed
+worker loses none (late acks), and a slow receiver never blocks the next job. No torch here.
 """
 
 from __future__ import annotations
@@ -14,25 +13,19 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from celery import Task
+from celery import Celery
 
-from producer.contract import (
+from fleet.contract import (
+    SCHEMA_VERSION,
     TASK_WEBHOOK,
     WEBHOOK_QUEUE,
     WEBHOOK_SIGNATURE_HEADER,
     check_webhook_url,
 )
-from producer.errors import FleetError
-from worker.app import app
-from worker.settings import WorkerSettings
+from fleet.errors import WebhookError
+from fleet.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-
-
-class WebhookError(FleetError):
-    """The receiver did not answer 2xx; delivery is retried."""
-
-    retryable = True
 
 
 def sign(body: bytes, secret: str) -> str:
@@ -40,7 +33,7 @@ def sign(body: bytes, secret: str) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def notify(job: Any, result: dict[str, Any]) -> None:
+def notify(app: Celery, job: Any, result: dict[str, Any]) -> None:
     """Queue the delivery of ``result`` to the job's webhook, if it has one (best effort)."""
     url = job.get("webhook") if isinstance(job, dict) else None
     if not url:
@@ -51,29 +44,24 @@ def notify(job: Any, result: dict[str, Any]) -> None:
         log.error("[job=%s] could not queue its webhook: %s", result.get("job_id"), exc)
 
 
-_settings = WorkerSettings()
+def notify_failure(app: Celery, job: Any, error: BaseException) -> None:
+    """Queue the failure result of a job to its webhook (when the job has an id and a webhook)."""
+    job_id = job.get("job_id") if isinstance(job, dict) else None
+    if isinstance(job_id, str):
+        notify(app, job, {"schema_version": SCHEMA_VERSION, "job_id": job_id, "status": "failed",
+                          "error": str(error), "error_type": type(error).__name__})  # fmt: skip
 
 
-@app.task(
-    name=TASK_WEBHOOK,
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=(WebhookError,),
-    retry_backoff=1,
-    retry_backoff_max=300,
-    retry_jitter=False,
-    max_retries=_settings.webhook_max_retries,
-)
-def deliver(self: Task, url: str, payload: dict[str, Any]) -> int:
-    """POST the payload as JSON, signed when a secret is configured; returns the HTTP status."""
-    settings = _settings
+def post(url: str, payload: dict[str, Any], delivery_id: str, settings: WorkerSettings) -> int:
+    """POST the payload as JSON, signed when a secret is configured; returns the HTTP status.
+
+    Raises WebhookError (transient: retried) when the receiver is away or answers non-2xx."""
     # Checked again at delivery: the name may resolve elsewhere by now (DNS rebinding).
     check_webhook_url(url, allow_private=settings.webhook_allow_private)
     body = json.dumps(payload, sort_keys=True).encode()
     headers = {"Content-Type": "application/json", "User-Agent": "diffusion-fleet",
                "X-Fleet-Job-Id": str(payload.get("job_id")),
-               "X-Fleet-Delivery": str(self.request.id)}  # fmt: skip
+               "X-Fleet-Delivery": delivery_id}  # fmt: skip
     if settings.webhook_secret is not None:
         headers[WEBHOOK_SIGNATURE_HEADER] = sign(body, settings.webhook_secret.get_secret_value())
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")

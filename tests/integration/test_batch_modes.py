@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from producer import contract
+from fleet import contract
 from tests.fleet_fixtures import REPO
-from worker.batch import run_key
-from worker.recipe import read_png_recipe
+from worker.engine.recipe import read_png_recipe
+from worker.oneshot import run_key
 
 pytestmark = pytest.mark.integration
 
@@ -56,25 +56,25 @@ def batch_command(mode: str, nproc: int, *args: str) -> list[str]:
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
             "--num_processes", str(nproc), "--num_machines", "1", "--mixed_precision", "no",
             "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-            "-m", "worker.batch", *args,
+            "-m", "worker.oneshot", *args,
         ]  # fmt: skip
     if mode == "torchrun":
         return [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc_per_node", str(nproc), "-m", "worker.batch", "--mode", "torchrun", *args,
+            "--nproc_per_node", str(nproc), "-m", "worker.oneshot", "--mode", "torchrun", *args,
         ]  # fmt: skip
     if mode == "spawn":
         return [
             sys.executable,
             "-m",
-            "worker.batch",
+            "worker.oneshot",
             "--mode",
             "spawn",
             "--nproc",
             str(nproc),
             *args,
         ]
-    return [sys.executable, "-m", "worker.batch", *args]
+    return [sys.executable, "-m", "worker.oneshot", *args]
 
 
 def run_batch(

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from producer import contract
+from fleet import contract
+from fleet.contract import JobSpec
+from fleet.settings import WorkerSettings
 from producer.client import Client
-from producer.contract import JobSpec
 from tests.fleet_fixtures import wait_until
-from worker.engine import Engine
-from worker.recipe import image_recipe, png_bytes
-from worker.settings import WorkerSettings
+from worker.engine.engine import Engine
+from worker.engine.recipe import image_recipe, png_bytes
 
 pytestmark = pytest.mark.integration
 

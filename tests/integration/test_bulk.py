@@ -14,18 +14,18 @@ from collections.abc import Iterator
 import pytest
 from celery.utils.saferepr import saferepr
 
-from producer import bulk, contract
+from fleet import contract
+from fleet.contract import JobSpec
+from fleet.errors import JobValidationError
+from fleet.settings import ProducerSettings
+from producer import bulk
 from producer.bulk import kwargs_repr, submit_bulk
-from producer.client import CLAIM_KEY, Client
-from producer.contract import JobSpec
-from producer.errors import JobValidationError
-from producer.settings import ProducerSettings
+from producer.client import Client
 from tests.fleet_fixtures import REPO, settings_kwargs, wait_until
 
 pytestmark = pytest.mark.integration
 
 TIMEOUT = 120
-DELIVERIES_KEY = "fleet:deliveries:{job_id}:0"  # worker/tasks.py counts each delivery here
 
 
 def small_job(**kw) -> JobSpec:  # type: ignore[no-untyped-def]
@@ -99,7 +99,7 @@ def test_duplicate_id_is_reported_and_not_run_again(worker, client) -> None:  # 
     # The worker runs messages in order; once the fresh job is done, a re-sent duplicate would
     # have been delivered (counted) and its result rewritten.
     assert client.wait([fresh.job_id], timeout=TIMEOUT)[0].state == "succeeded"
-    assert client.redis.get(DELIVERIES_KEY.format(job_id=first.job_id)) == b"1"
+    assert client.redis.get(contract.DELIVERIES_KEY.format(task_id=first.job_id, retries=0)) == b"1"
     assert client.redis.get(meta_key) == meta_before
     assert worker.log().count(f"[job={first.job_id} task={first.job_id}] received") == 1
 
@@ -112,7 +112,7 @@ def test_a_bad_job_means_nothing_is_enqueued(idle_client: Client) -> None:
     assert "width=100" in str(info.value)
     assert depth(idle_client, idle_client.settings.queue) == 0
     for spec in good:
-        assert not idle_client.redis.exists(CLAIM_KEY.format(job_id=spec.job_id))
+        assert not idle_client.redis.exists(contract.CLAIM_KEY.format(job_id=spec.job_id))
 
 
 def test_bulk_messages_match_send_task(idle_client: Client) -> None:
@@ -179,7 +179,9 @@ def test_publish_failure_releases_unsent_claims(
         submit_bulk(idle_client, specs)
     # Chunks [0, 1] and [2, 3] were flushed; chunk [4, 5] failed and was discarded; 6 never sent.
     assert depth(idle_client, idle_client.settings.queue) == 4
-    claimed = [bool(idle_client.redis.exists(CLAIM_KEY.format(job_id=s.job_id))) for s in specs]
+    claimed = [
+        bool(idle_client.redis.exists(contract.CLAIM_KEY.format(job_id=s.job_id))) for s in specs
+    ]
     assert claimed == [True, True, True, True, False, False, False]
     monkeypatch.undo()
     # The released ids can be submitted again; the sent ones are duplicates.

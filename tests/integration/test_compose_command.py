@@ -22,7 +22,7 @@ import yaml
 from celery import Celery
 from celery.utils.nodenames import host_format
 
-from producer.contract import JobSpec
+from fleet.contract import JobSpec
 from tests.fleet_fixtures import REPO, settings_kwargs
 
 pytestmark = pytest.mark.integration
@@ -70,8 +70,8 @@ def group_alive(pgid: int) -> bool:
 def test_compose_worker_command_runs_a_job_and_stops_warmly(
     name: str, fleet_env: dict, tmp_path: Path
 ) -> None:
+    from fleet.settings import ProducerSettings
     from producer.client import Client
-    from producer.settings import ProducerSettings
 
     service = COMPOSE["services"][name]
     argv = list(service["command"])

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from producer import contract
-from producer.contract import JobSpec
-from worker.recipe import read_png_recipe
+from fleet import contract
+from fleet.contract import JobSpec
+from worker.engine.recipe import read_png_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -152,7 +152,7 @@ def test_status_falls_back_to_the_manifest_when_results_expired(worker, client) 
 
 
 def test_validation_at_the_producer_enqueues_nothing(worker, client) -> None:
-    from producer.errors import JobValidationError
+    from fleet.errors import JobValidationError
 
     depth = client.redis.llen("fleet")
     with pytest.raises(JobValidationError, match="steps=0"):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from producer.contract import JobSpec
+from fleet.contract import JobSpec
 
 pytestmark = pytest.mark.integration
 

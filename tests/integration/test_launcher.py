@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from producer.contract import JobSpec
+from fleet.contract import JobSpec
 from tests.fleet_fixtures import REPO, wait_until
-from worker.heartbeat import alive_nodes
+from worker.ops.heartbeat import alive_nodes
 
 pytestmark = pytest.mark.integration
 

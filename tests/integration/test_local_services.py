@@ -16,7 +16,7 @@ import pytest
 import redis
 from botocore.exceptions import ClientError
 
-from producer import local_services as ls
+from fleet import localdev as ls
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -271,7 +271,7 @@ def test_pinned_busy_port_is_a_clear_error(
 def _cli(*args: str) -> subprocess.Popen[str]:
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return subprocess.Popen(
-        [sys.executable, "-m", "producer.local_services", *args],
+        [sys.executable, "-m", "fleet.localdev", *args],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": pythonpath},
         text=True,

@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
+from fleet.contract import JobSpec
+from fleet.settings import ProducerSettings
 from producer.client import Client
-from producer.contract import JobSpec
-from producer.settings import ProducerSettings
 from tests.fleet_fixtures import settings_kwargs
 
 pytestmark = pytest.mark.integration

@@ -7,10 +7,10 @@ import uuid
 
 import pytest
 
+from fleet.contract import JobSpec
+from fleet.errors import JobValidationError
+from fleet.settings import ProducerSettings
 from producer.client import Client
-from producer.contract import JobSpec
-from producer.errors import JobValidationError
-from producer.settings import ProducerSettings
 from tests.fleet_fixtures import settings_kwargs
 
 pytestmark = pytest.mark.integration

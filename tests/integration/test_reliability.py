@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from producer import contract
+from fleet import contract
+from fleet.contract import JobSpec
+from fleet.settings import ProducerSettings
 from producer.client import Client
-from producer.contract import JobSpec
-from producer.settings import ProducerSettings
 from tests.conftest import own_fleet_env
 from tests.fleet_fixtures import WorkerProcess, settings_kwargs, wait_until
 
@@ -236,7 +236,7 @@ def store_seed(client: Client, job_id: str) -> int:
 def test_storage_down_for_30s_fails_nothing_and_generates_once(
     tmp_path: Path, tiny_model: Path
 ) -> None:
-    from producer.local_services import LocalServices
+    from fleet.localdev import LocalServices
 
     services = LocalServices(tmp_path / "own-services")
     ep = services.start()
@@ -270,7 +270,7 @@ def test_storage_down_for_30s_fails_nothing_and_generates_once(
 
 
 def test_redis_restart_mid_run_loses_no_acknowledged_job(tmp_path: Path, tiny_model: Path) -> None:
-    from producer.local_services import LocalServices
+    from fleet.localdev import LocalServices
 
     services = LocalServices(tmp_path / "own-services")
     ep = services.start()
@@ -295,7 +295,7 @@ def test_redis_restart_mid_run_loses_no_acknowledged_job(tmp_path: Path, tiny_mo
 def test_storage_down_past_the_retry_window_fails_with_a_recorded_reason(
     tmp_path: Path, tiny_model: Path
 ) -> None:
-    from producer.local_services import LocalServices
+    from fleet.localdev import LocalServices
 
     services = LocalServices(tmp_path / "own-services")
     ep = services.start()
@@ -330,7 +330,7 @@ def test_redis_sigkill_loses_nothing_acknowledged_with_appendfsync_always(
     acknowledged job survives. (With `everysec`, the default, up to about 1 s of writes may go;
     docs/reliability.md has the measurement.)"""
     fsync = "always"
-    from producer.local_services import LocalServices
+    from fleet.localdev import LocalServices
 
     services = LocalServices(tmp_path / "own-services")
     ep = services.start()

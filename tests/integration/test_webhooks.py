@@ -14,9 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from fleet.contract import WEBHOOK_QUEUE, WEBHOOK_SIGNATURE_HEADER, JobSpec
+from fleet.settings import ProducerSettings
 from producer.client import Client
-from producer.contract import WEBHOOK_QUEUE, WEBHOOK_SIGNATURE_HEADER, JobSpec
-from producer.settings import ProducerSettings
 from tests.fleet_fixtures import settings_kwargs
 
 pytestmark = pytest.mark.integration

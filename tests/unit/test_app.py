@@ -6,13 +6,13 @@ import subprocess
 import sys
 import threading
 
-from producer.contract import TASK_GENERATE
-from worker.app import celery_config, create_app
-from worker.settings import WorkerSettings
+from fleet.contract import TASK_GENERATE
+from fleet.settings import WorkerSettings
+from worker.app import create_app, worker_config
 
 
 def test_reliability_and_serialization_settings() -> None:
-    conf = celery_config(WorkerSettings(redis_url="redis://127.0.0.1:1/0"))
+    conf = worker_config(WorkerSettings(redis_url="redis://127.0.0.1:1/0"))
     assert conf["task_serializer"] == "json"
     assert conf["accept_content"] == ["json"]  # pickle is refused
     assert conf["result_accept_content"] == ["json"]
@@ -42,7 +42,7 @@ def test_app_and_producer_import_no_torch() -> None:
 def test_launcher_plans_one_pinned_worker_per_gpu_and_batch_workers() -> None:
     import argparse
 
-    from worker.launch import add_arguments, plan
+    from worker.ops.launch import add_arguments, plan
 
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -66,18 +66,16 @@ def test_a_threads_pool_worker_generates_through_one_batcher_thread(monkeypatch)
     """A pipeline is not thread-safe: when tasks run off the main thread (threads pool), every
     generation goes through the one batcher thread, also at batch size 1; a prefork child
     (tasks on its main thread) calls the engine directly."""
-    import producer.storage
-    from worker import tasks
-    from worker.settings import WorkerSettings
+    from worker import runtime
 
-    monkeypatch.setattr(producer.storage, "ObjectStore", lambda settings: "store")
-    monkeypatch.setattr(tasks, "_settings", WorkerSettings(_env_file=None))
-    monkeypatch.setattr(tasks, "_engine", "engine")
-    monkeypatch.setattr(tasks, "_runner", None)
-    assert tasks.get_runner().batcher is None
-    monkeypatch.setattr(tasks, "_runner", None)
+    monkeypatch.setattr(runtime, "ObjectStore", lambda settings: "store")
+    monkeypatch.setattr(runtime, "_settings", WorkerSettings(_env_file=None))
+    monkeypatch.setattr(runtime, "_engine", "engine")
+    monkeypatch.setattr(runtime, "_runner", None)
+    assert runtime.get_runner().batcher is None
+    monkeypatch.setattr(runtime, "_runner", None)
     runners = []
-    thread = threading.Thread(target=lambda: runners.append(tasks.get_runner()))
+    thread = threading.Thread(target=lambda: runners.append(runtime.get_runner()))
     thread.start()
     thread.join()
     batcher = runners[0].batcher

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from producer.contract import JobSpec, validate_job
-from producer.errors import JobCancelled
-from worker.batcher import Batcher
-from worker.engine import Generated
+from fleet.contract import JobSpec, validate_job
+from fleet.errors import JobCancelled
+from worker.engine.batcher import Batcher
+from worker.engine.engine import Generated
 
 
 class StandInEngine:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from fleet.errors import JobValidationError
 from producer import cli
-from producer.errors import JobValidationError
 
 
 def parse(*argv: str):

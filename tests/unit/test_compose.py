@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from producer.contract import DEFAULT_QUEUE, WEBHOOK_QUEUE
+from fleet.contract import DEFAULT_QUEUE, WEBHOOK_QUEUE
 from tests.fleet_fixtures import REPO, worker_command
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -273,7 +273,7 @@ def test_redis_s3_flower_and_volumes(config: dict) -> None:
 
 def test_worker_settings_exist(config: dict) -> None:
     """Every FLEET_* variable given to the workers is a real worker setting (no typos)."""
-    from worker.settings import WorkerSettings
+    from fleet.settings import WorkerSettings
 
     fields = set(WorkerSettings.model_fields)
     for name, svc in workers(config).items():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from producer import contract
-from producer.contract import JobSpec, Limits, validate_job
-from producer.errors import JobValidationError
+from fleet import contract
+from fleet.contract import JobSpec, Limits, validate_job
+from fleet.errors import JobValidationError
 
 
 def problems(data: dict, limits: Limits | None = None) -> dict[str, str]:

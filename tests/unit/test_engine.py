@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.contract import SCHEDULERS, validate_job
-from producer.errors import ModelLoadError
-from worker.engine import Engine
-from worker.settings import WorkerSettings
+from fleet.contract import SCHEDULERS, validate_job
+from fleet.errors import ModelLoadError
+from fleet.settings import WorkerSettings
+from worker.engine.engine import Engine
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +116,9 @@ def test_out_of_memory_shrinks_the_call_then_reroutes_then_fails(engine: Engine)
 
     import torch
 
-    from producer.errors import DeviceOutOfMemory
-    from worker.failures import oom_fallback
-    from worker.jobrunner import JobLog, JobRunner
+    from fleet.errors import DeviceOutOfMemory
+    from worker.policies import oom_fallback
+    from worker.runner import JobLog, JobRunner
 
     real_pipe = engine.pipe
     calls: list[int] = []

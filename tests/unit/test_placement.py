@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from producer.errors import ConfigurationError
-from worker.placement import Placement, parse_max_memory, resolve_device, resolve_dtype
-from worker.settings import WorkerSettings
+from fleet.errors import ConfigurationError
+from fleet.settings import WorkerSettings
+from worker.engine.placement import Placement, parse_max_memory, resolve_device, resolve_dtype
 
 
 def test_auto_device_is_cpu_without_cuda() -> None:
@@ -98,7 +98,7 @@ def test_move_io_hooks_align_a_component_placed_elsewhere() -> None:
 
     from accelerate.hooks import remove_hook_from_module
 
-    from worker.placement import MoveIO, align_component_devices
+    from worker.engine.placement import MoveIO, align_component_devices
 
     vae = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
     text = torch.nn.Linear(4, 4, device="meta")  # as if on the pipeline's own device

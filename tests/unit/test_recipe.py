@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from PIL import Image
 
-from producer.contract import validate_job
-from worker.recipe import build_manifest, image_recipe, png_bytes, read_png_recipe
+from fleet.contract import validate_job
+from worker.engine.recipe import build_manifest, image_recipe, png_bytes, read_png_recipe
 
 
 def test_png_carries_the_recipe_and_repeats_byte_for_byte() -> None:

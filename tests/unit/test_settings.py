@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from producer.settings import ProducerSettings
-from worker.settings import WorkerSettings
+from fleet.settings import ProducerSettings, WorkerSettings
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

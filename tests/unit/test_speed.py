@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from producer.contract import validate_job
-from worker.engine import Engine
-from worker.settings import WorkerSettings
-from worker.speed import apply_speed_settings
+from fleet.contract import validate_job
+from fleet.settings import WorkerSettings
+from worker.engine.engine import Engine
+from worker.engine.speed import apply_speed_settings
 
 
 def engine(model: Path, **kw) -> Engine:  # type: ignore[no-untyped-def]

@@ -107,3 +107,23 @@ def get_metrics() -> Metrics | None:
     if _metrics is None:
         _metrics = Metrics()
     return _metrics
+
+
+def record_done(job: Any, result: dict[str, Any], engine_info: dict[str, Any], model: str) -> None:
+    """Count a finished job (best effort: metrics never fail a job)."""
+    metrics = get_metrics()
+    if metrics is None:
+        return
+    try:
+        steps = int(job.get("steps") or 0) if isinstance(job, dict) else 0
+        metrics.job_done(result, steps, model)
+        metrics.engine_facts(engine_info)
+    except Exception as exc:
+        log.warning("metrics update failed: %s", exc)
+
+
+def record_failed(error: BaseException) -> None:
+    """Count a failed job by its error type."""
+    metrics = get_metrics()
+    if metrics is not None:
+        metrics.job_failed(type(error).__name__)

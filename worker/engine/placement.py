@@ -12,10 +12,10 @@ import torch
 from accelerate.hooks import ModelHook
 from accelerate.utils import find_device, send_to_device
 
-from producer.errors import ConfigurationError, ModelLoadError
+from fleet.errors import ConfigurationError, ModelLoadError
 
 if TYPE_CHECKING:
-    from worker.settings import WorkerSettings
+    from fleet.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 

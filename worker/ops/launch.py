@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from producer.contract import DEFAULT_QUEUE
+from fleet.contract import DEFAULT_QUEUE
 
-log = logging.getLogger("worker.launch")
+log = logging.getLogger("worker.ops.launch")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -10,10 +10,10 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from producer.errors import StorageError
+from fleet.errors import StorageError
 
 if TYPE_CHECKING:
-    from producer.settings import FleetSettings
+    from fleet.settings import FleetSettings
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import secrets
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -19,8 +19,9 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from pydantic_settings import NoDecode
 
-from producer.errors import JobValidationError
+from fleet.errors import JobValidationError
 
 #: Version of the job and result JSON schemas below; bumped on any incompatible change.
 SCHEMA_VERSION = 1
@@ -76,6 +77,15 @@ CANCEL_KEY = "fleet:cancel:{job_id}"
 HEARTBEAT_KEY = "fleet:heartbeat:{node}"
 #: Redis key where a worker's pool child publishes its device facts (JSON).
 WORKER_INFO_KEY = "fleet:worker-info:{node}"
+#: Redis key that reserves a job id (value: its queue), so the same id submitted twice makes
+#: one job.
+CLAIM_KEY = "fleet:job:{job_id}"
+#: Redis list of failures the workers could not write to S3 while it was down (JSON entries).
+UNSTORED_FAILURES_KEY = "fleet:failures:unstored"
+#: Redis counter of the deliveries of one attempt of a task (a retry is a new attempt).
+DELIVERIES_KEY = "fleet:deliveries:{task_id}:{retries}"
+#: Redis key holding when storage first failed for a task (its retry window starts then).
+OUTAGE_KEY = "fleet:storage-outage:{task_id}"
 
 
 def new_job_id() -> str:
@@ -161,22 +171,32 @@ def check_webhook_url(url: str, allow_private: bool = False) -> None:
 
 
 class Limits(BaseModel):
-    """Bounds for a job. Both the producer and the worker read them from their settings."""
+    """Job limits, checked by the producer and again by the worker.
+
+    Declared once, here: the settings inherit these fields (``FLEET_MAX_SIDE``, ...)."""
 
     model_config = ConfigDict(frozen=True)
 
-    min_side: int = 64
-    max_side: int = 2048
-    min_steps: int = 1
-    max_steps: int = 150
-    min_guidance: float = 0.0
-    max_guidance: float = 30.0
-    max_images: int = 8
-    max_prompt_chars: int = 2000
-    #: Empty means any model; otherwise a job's model must be on this list.
-    allowed_models: tuple[str, ...] = ()
-    #: Webhook targets in private, loopback or link-local ranges are refused unless allowed.
-    webhook_allow_private: bool = False
+    min_side: int = Field(64, description="Smallest width or height of an image, in pixels.")
+    max_side: int = Field(2048, description="Largest width or height of an image, in pixels.")
+    min_steps: int = Field(1, description="Fewest denoising steps a job may ask for.")
+    max_steps: int = Field(150, description="Most denoising steps a job may ask for.")
+    min_guidance: float = Field(0.0, description="Lowest guidance scale.")
+    max_guidance: float = Field(30.0, description="Highest guidance scale.")
+    max_images: int = Field(8, description="Most images per prompt.")
+    max_prompt_chars: int = Field(2000, description="Longest prompt (and negative prompt).")
+    #: NoDecode: the settings read "a,b" as a list (split in fleet.settings), not as JSON.
+    allowed_models: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Comma-separated; empty allows any model."
+    )
+    webhook_allow_private: bool = Field(
+        False, description="Allow webhook targets in private/loopback ranges (SSRF guard off)."
+    )
+
+    @classmethod
+    def of(cls, settings: Any) -> Limits:
+        """The limits part of a settings object (which inherits these fields)."""
+        return cls.model_validate({name: getattr(settings, name) for name in cls.model_fields})
 
 
 def _limits(info: ValidationInfo) -> Limits:

@@ -18,21 +18,21 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from producer import contract
-from producer.errors import (
+from fleet import contract
+from fleet.errors import (
     ConfigurationError,
     FleetError,
     JobValidationError,
     ModelLoadError,
     StorageError,
 )
-from producer.storage import ObjectStore
-from worker.settings import WorkerSettings
+from fleet.settings import WorkerSettings
+from fleet.storage import ObjectStore
 
 if TYPE_CHECKING:
-    from worker.jobrunner import JobRunner
+    from worker.runner import JobRunner
 
-log = logging.getLogger("worker.batch")
+log = logging.getLogger("worker.oneshot")
 
 MODES = ("accelerate", "torchrun", "spawn")
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -316,7 +316,7 @@ def join_torchrun(plan: Plan) -> Group:
     if missing:
         raise ConfigurationError(
             f"--mode torchrun needs the variables torchrun sets ({', '.join(missing)} missing): "
-            "start it with `torchrun --nproc_per_node N -m worker.batch --mode torchrun ...`"
+            "start it with `torchrun --nproc_per_node N -m worker.oneshot --mode torchrun ...`"
         )
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
@@ -468,8 +468,8 @@ def work(
     group: Group, plan: Plan, mine: list[Job], settings: WorkerSettings, store: RunStore
 ) -> RankReport:
     """Run this process's jobs through the fleet's JobRunner, then write its summary."""
-    from worker.engine import Engine
-    from worker.jobrunner import JobRunner
+    from worker.engine.engine import Engine
+    from worker.runner import JobRunner
 
     started = time.perf_counter()
     report = RankReport(
@@ -644,7 +644,7 @@ def default_mode() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m worker.batch",
+        prog="python -m worker.oneshot",
         description="Generate one job per prompt of a file in several processes, one per GPU, "
         "into the fleet's S3 layout (jobs/<run_id>-<i>/...). See docs/one-shot.md.",
     )

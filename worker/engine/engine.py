@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
-from producer.contract import JobSpec
-from producer.errors import DeviceOutOfMemory, GenerationError, JobCancelled, JobValidationError
-from worker.placement import Placement
-from worker.settings import WorkerSettings
-from worker.speed import apply_speed_settings
+from fleet.contract import JobSpec
+from fleet.errors import DeviceOutOfMemory, GenerationError, JobCancelled, JobValidationError
+from fleet.settings import WorkerSettings
+from worker.engine.placement import Placement
+from worker.engine.speed import apply_speed_settings
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Engine:
 
     def _warm_up(self) -> None:
         """One small generation so torch.compile compiles before the first job."""
-        from producer.contract import JobSpec
+        from fleet.contract import JobSpec
 
         side = 64 * int(getattr(self.pipe, "vae_scale_factor", 8) or 8) // 8
         spec = JobSpec(prompt="warm-up", width=max(64, side), height=max(64, side), steps=2)

@@ -1,20 +1,23 @@
 """Durable failure records: a failed manifest per job plus an index entry under failures/.
 
-Celery's results expire; these do not. Light module (no torch), used by the task runner and by
-the worker's main process (jobs that expired before they started).
+Celery's results expire; these do not. Light module (no torch), used by the job runner, the
+task policies and the worker's main process (jobs that expired before they started). When
+storage is down, a failure goes to a Redis list instead (``producer failed`` reads both).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime, timezone
 from typing import Any
 
-from producer import contract
-from producer.contract import JobResult
-from producer.errors import StorageError
-from producer.storage import ObjectStore
-from worker.settings import WorkerSettings
+import redis
+
+from fleet import contract
+from fleet.contract import JobResult
+from fleet.errors import StorageError
+from fleet.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +73,20 @@ def clear_failure(store: ObjectStore, prefix: str, job_id: str) -> None:
     store.delete(contract.failure_key(job_id, prefix))
 
 
-def oom_fallback(settings: WorkerSettings, queue: str | None) -> str | None:
-    """Where a job that ran out of device memory at one image per call goes next: the
-    configured fallback queue, unless it already is there (then it fails: no loop)."""
-    fallback = settings.oom_fallback_queue
-    if fallback and queue != fallback:
-        return fallback
-    return None
+def record_raw_failure(
+    store: ObjectStore, redis_client: redis.Redis, prefix: str, job: Any, error: Exception
+) -> None:
+    """Record the failure of a job that never became a valid JobSpec, or failed outside the
+    runner (delivery cap, time limit, storage window). Storage down: the Redis list keeps it
+    (AOF-persisted), so a failure is never silent. A job without a usable id is only logged."""
+    job_id = job.get("job_id") if isinstance(job, dict) else None
+    if not isinstance(job_id, str):
+        log.error("failure of a job without a job_id not recorded: %s", error)
+        return
+    manifest = raw_failure_manifest(
+        job_id, job, str(error), type(error).__name__, store.bucket, prefix
+    )
+    if not write_failure(store, prefix, manifest):
+        entry = {k: manifest[k] for k in ("job_id", "error", "error_type")}
+        entry["failed_at"] = manifest["finished_at"]
+        redis_client.lpush(contract.UNSTORED_FAILURES_KEY, json.dumps(entry))

@@ -37,7 +37,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-log = logging.getLogger("producer.local_services" if __name__ == "__main__" else __name__)
+log = logging.getLogger("fleet.localdev" if __name__ == "__main__" else __name__)
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_BUCKET = "fleet"
@@ -1052,7 +1052,7 @@ def _cmd_env(workdir: Path | None, bucket: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m producer.local_services",
+        prog="python -m fleet.localdev",
         description="Run a local Redis and a local SeaweedFS S3 on free loopback ports.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")

@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from producer.contract import JobSpec
-from producer.errors import JobCancelled
-from worker.engine import Engine, Generated, StepCallback
+from fleet.contract import JobSpec
+from fleet.errors import JobCancelled
+from worker.engine.engine import Engine, Generated, StepCallback
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import json
 import logging
 from datetime import datetime, timezone
 
-#: Record attributes the worker loop sets (see worker.jobrunner.JobLog).
+#: Record attributes the worker loop sets (see worker.runner.JobLog).
 JOB_FIELDS = ("job_id", "task_id", "queue", "device")
 
 

@@ -10,21 +10,22 @@ from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from producer import contract
-from producer.contract import JobResult, JobSpec, validate_job
-from producer.errors import (
+from fleet import contract
+from fleet.contract import JobResult, JobSpec, validate_job
+from fleet.errors import (
     DeviceOutOfMemory,
     FleetError,
     JobCancelled,
     JobValidationError,
     StorageError,
 )
-from producer.storage import ObjectStore
-from worker.batcher import Batcher
-from worker.engine import Engine, Generated, StepCallback
-from worker.failures import clear_failure, oom_fallback, raw_failure_manifest, write_failure
-from worker.recipe import build_manifest, image_recipe, png_bytes
-from worker.settings import WorkerSettings
+from fleet.settings import WorkerSettings
+from fleet.storage import ObjectStore
+from worker.engine.batcher import Batcher
+from worker.engine.engine import Engine, Generated, StepCallback
+from worker.engine.recipe import build_manifest, image_recipe, png_bytes
+from worker.policies import oom_fallback
+from worker.records import clear_failure, raw_failure_manifest, write_failure
 
 log = logging.getLogger(__name__)
 

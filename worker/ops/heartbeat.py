@@ -17,8 +17,8 @@ from typing import Any
 
 import redis
 
-from producer.contract import HEARTBEAT_KEY
-from producer.contract import WORKER_INFO_KEY as INFO_KEY
+from fleet.contract import HEARTBEAT_KEY
+from fleet.contract import WORKER_INFO_KEY as INFO_KEY
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +93,38 @@ def read_info(redis_url: str, node: str) -> dict[str, Any] | None:
         return None if raw is None else dict(json.loads(raw))
     finally:
         client.close()
+
+
+class InfoPublisher:
+    """Publishes a pool child's device facts for `python -m worker status` (best effort): after
+    the first job, then only when they changed and at most once per ``interval_s``, so a stream
+    of short jobs does not pay a Redis write each. Unchanged facts are refreshed hourly (the
+    key lives a day)."""
+
+    def __init__(self, interval_s: float, refresh_s: float = 3600.0) -> None:
+        self.interval_s = interval_s
+        self.refresh_s = refresh_s
+        self._published: tuple[str, float] | None = None  # (the facts as JSON, when)
+
+    def due(self, info: dict[str, Any], now: float) -> bool:
+        if self._published is None:
+            return True
+        text, at = self._published
+        age = now - at
+        if age < self.interval_s:
+            return False
+        return text != _facts_text(info) or age >= self.refresh_s
+
+    def publish(self, client: redis.Redis, node: str, info: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if not node or not self.due(info, now):
+            return
+        try:
+            publish_info(client, node, info)
+            self._published = (_facts_text(info), now)
+        except Exception as exc:
+            log.warning("could not publish worker info: %s", exc)
+
+
+def _facts_text(info: dict[str, Any]) -> str:
+    return json.dumps(info, sort_keys=True, default=str)

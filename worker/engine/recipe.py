@@ -10,7 +10,7 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from producer.contract import SCHEMA_VERSION, JobSpec
+from fleet.contract import SCHEMA_VERSION, JobSpec
 
 #: The PNG tEXt key that holds the recipe as JSON.
 PNG_RECIPE_KEY = "fleet:recipe"

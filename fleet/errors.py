@@ -1,17 +1,38 @@
-"""One root error type for diffusion-fleet, with subclasses that say whether a retry can help."""
+"""One root error type for diffusion-fleet; each subclass declares its disposition.
+
+The disposition says what a failure means, and the worker's retry policy
+(``worker.policies.RETRY_RULES``) reads it instead of deciding case by case:
+
+- ``job``: this job is bad or cannot be done here; it fails alone, the worker goes on.
+- ``worker``: this worker is broken (its model cannot load, its device is gone); the job is not
+  to blame.
+- ``transient``: try again later (storage or a webhook receiver briefly away); retried with
+  backoff within a bounded window.
+"""
 
 from __future__ import annotations
+
+from typing import Literal
+
+Disposition = Literal["job", "worker", "transient"]
+DISPOSITIONS: tuple[Disposition, ...] = ("job", "worker", "transient")
 
 
 class FleetError(Exception):
     """Root of every error the fleet raises on purpose."""
 
-    #: Whether running the same job again can succeed (dramatiq's idea of retryable errors).
-    retryable: bool = False
+    disposition: Disposition = "job"
+
+    @property
+    def retryable(self) -> bool:
+        """Whether running the same job again later can succeed."""
+        return self.disposition == "transient"
 
 
 class ConfigurationError(FleetError):
     """A setting is missing or wrong; fix the environment and restart."""
+
+    disposition = "worker"
 
 
 class JobValidationError(FleetError, ValueError):
@@ -35,14 +56,10 @@ class JobValidationError(FleetError, ValueError):
         return "invalid job: " + "; ".join(lines)
 
 
-class DuplicateJobError(FleetError):
-    """A job id was reused for a different job."""
-
-
 class StorageError(FleetError):
     """The S3-compatible store failed; retrying later can help."""
 
-    retryable = True
+    disposition = "transient"
 
 
 class StorageUnavailable(FleetError):
@@ -51,6 +68,8 @@ class StorageUnavailable(FleetError):
 
 class ModelLoadError(FleetError):
     """The worker could not load its model (wrong id, missing files, no network to the hub)."""
+
+    disposition = "worker"
 
 
 class GenerationError(FleetError):
@@ -61,16 +80,28 @@ class TooManyDeliveries(FleetError):
     """The job was delivered more times than allowed: its worker died each time it ran it."""
 
 
+class JobExpired(FleetError):
+    """The job was not started before its deadline (``producer submit --deadline``)."""
+
+
 class JobTimedOut(FleetError):
     """The job ran past its soft time limit and was stopped."""
 
 
 class DeviceOutOfMemory(FleetError):
-    """The device ran out of memory for this pipeline call (CUDA OOM)."""
+    """The device ran out of memory for this pipeline call (CUDA OOM).
+
+    A job error: it is too big for this worker; the OOM policy may send it to a bigger one."""
 
 
 class JobCancelled(FleetError):
     """The job was cancelled (``producer cancel``); raised inside the worker to stop it."""
+
+
+class WebhookError(FleetError):
+    """The webhook receiver did not answer 2xx; the delivery is retried with backoff."""
+
+    disposition = "transient"
 
 
 class JobFailed(FleetError):

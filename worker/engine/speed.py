@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from producer.errors import ConfigurationError
+from fleet.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from worker.settings import WorkerSettings
+    from fleet.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,236 @@
+"""One typed settings object for the whole fleet, read from FLEET_* environment variables and .env.
+
+The fields come in groups, one class each: where Redis is (:class:`RedisGroup`), where images go
+(:class:`S3Group`), the job limits (:class:`fleet.contract.Limits`, declared once), webhooks, how
+the producer waits, and what a worker serves and on which device. :class:`FleetSettings` is what
+both sides share; :class:`ProducerSettings` and :class:`WorkerSettings` add their own group. Every
+field keeps its flat name, so every variable is ``FLEET_<FIELD>`` (``FLEET_S3_BUCKET``), as
+documented in ``.env.example`` (generated from these classes by ``scripts/gen_env_example.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from fleet.contract import DEFAULT_QUEUE, Limits
+
+
+def _split_list(v: Any) -> Any:
+    if isinstance(v, str):
+        return tuple(item.strip() for item in v.split(",") if item.strip())
+    return v
+
+
+def _split_map(v: Any) -> Any:
+    """Parse ``a=x,b=y`` (or a dict) into a dict."""
+    if isinstance(v, str):
+        out: dict[str, str] = {}
+        for item in v.split(","):
+            if not item.strip():
+                continue
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip() or not value.strip():
+                raise ValueError(f"expected NAME=VALUE pairs separated by commas, got {item!r}")
+            out[key.strip()] = value.strip()
+        return out
+    return v
+
+
+class RedisGroup(BaseModel):
+    """Redis: the Celery broker and result backend, queues and job time limits."""
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker URL (Redis).")
+    result_backend_url: str | None = Field(
+        None, description="Celery result backend; empty means the same Redis as redis_url."
+    )
+    result_expires_s: int = Field(7 * 24 * 3600, description="How long Celery keeps results.")
+    queue: str = Field(DEFAULT_QUEUE, description="The default job queue.")
+    model_routes: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="MODEL=QUEUE,... : jobs for MODEL go to QUEUE."
+    )
+    job_claim_ttl_s: int = Field(
+        30 * 24 * 3600, description="How long a client-supplied job id stays reserved."
+    )
+
+    job_time_base_s: float = Field(
+        300.0, description="Soft time limit of a job: this many seconds plus the next setting."
+    )
+    job_time_per_mpx_step_s: float = Field(
+        2.0, description="Soft time limit: seconds per megapixel per step per image."
+    )
+    visibility_timeout_s: int = Field(
+        3600, description="Redis transport visibility timeout; keep equal on all parts."
+    )
+
+    @property
+    def backend_url(self) -> str:
+        return self.result_backend_url or self.redis_url
+
+
+class S3Group(BaseModel):
+    """The S3-compatible store the images, manifests and failure records go to."""
+
+    s3_endpoint_url: str | None = Field(None, description="Empty means AWS S3.")
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_bucket: str = "fleet"
+    s3_prefix: str = Field("", description="Key prefix inside the bucket.")
+    s3_create_bucket: bool = Field(False, description="Create the bucket at start if missing.")
+    s3_addressing_style: Literal["path", "virtual", "auto"] = "path"
+    s3_max_attempts: int = Field(5, description="boto3 'standard' retry mode attempts.")
+    presign_expiry_s: int = Field(3600, description="Lifetime of presigned GET URLs.")
+
+
+class WebhookGroup(BaseModel):
+    """Webhook deliveries (the address check is ``webhook_allow_private`` in the limits)."""
+
+    webhook_secret: SecretStr | None = Field(
+        None, description="Shared secret for the HMAC-SHA256 signature of webhook bodies."
+    )
+    webhook_max_retries: int = Field(8, description="Delivery attempts after the first.")
+    webhook_timeout_s: float = Field(10.0, description="Timeout of one webhook POST.")
+
+
+class ProducerGroup(BaseModel):
+    """How the producer's ``wait`` polls."""
+
+    poll_interval_s: float = Field(0.1, description="How often wait/--wait polls job states.")
+    wait_timeout_s: float | None = Field(None, description="Give up waiting after this long.")
+
+
+Dtype = Literal["auto", "float16", "bfloat16", "float32"]
+PlacementMode = Literal["pinned", "balanced"]
+OffloadMode = Literal["none", "model", "sequential"]
+
+
+class WorkerGroup(BaseModel):
+    """What a worker serves, on which device, and how it runs jobs."""
+
+    model: str | None = Field(
+        None, description="Hub id or local folder of the diffusers pipeline this worker serves."
+    )
+    model_name: str | None = Field(
+        None, description="The name jobs use for this model; defaults to FLEET_MODEL."
+    )
+    model_revision: str | None = Field(None, description="Hub revision; pin a commit to reproduce.")
+    local_files_only: bool = Field(False, description="Never contact the model hub.")
+    dtype: Dtype = Field("auto", description="auto: float16 on CUDA, float32 on CPU.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    placement: PlacementMode = Field(
+        "pinned",
+        description="pinned: the whole pipeline on one device; balanced: device_map='balanced' "
+        "over every visible GPU.",
+    )
+    max_memory: str | None = Field(
+        None, description="Balanced only: per-device caps, e.g. 0=20GiB,1=20GiB,cpu=64GiB."
+    )
+    offload: OffloadMode = Field(
+        "none",
+        description="CPU offload on CUDA: model (enable_model_cpu_offload, moderate cost) or "
+        "sequential (enable_sequential_cpu_offload, fits almost anything, very slow).",
+    )
+    torch_threads: int | None = Field(None, description="torch.set_num_threads in the worker.")
+    warmup: bool = Field(True, description="Load the pipeline in the pool child at start.")
+    node_label: str | None = Field(None, description="Shown in manifests; defaults to host name.")
+    spool_dir: str | None = Field(
+        None, description="Local folder for generated PNGs until they are stored; default: tmp."
+    )
+    storage_retry_window_s: float = Field(
+        900.0,
+        description="While S3 is unreachable a job is retried with backoff for this long, its "
+        "images kept in the spool; then it fails with the reason.",
+    )
+    storage_retry_backoff_max_s: int = Field(60, description="Cap of one backoff delay.")
+    unacked_restore_interval_s: int = Field(
+        10, description="Redis transport: seconds between sweeps for unacknowledged jobs."
+    )
+    unacked_restore_throttle: int = Field(
+        10, description="Redis transport: sweep on every Nth interval only (1: every interval)."
+    )
+    max_deliveries: int = Field(
+        3, description="A job delivered this many times (its worker died each time) fails."
+    )
+    attention: Literal["sdpa", "default"] = Field(
+        "sdpa", description="sdpa: PyTorch scaled_dot_product_attention (AttnProcessor2_0)."
+    )
+    channels_last: bool = Field(False, description="UNet and VAE in channels_last layout.")
+    compile: bool = Field(
+        False, description="torch.compile the UNet/transformer, warmed up when the model loads."
+    )
+    compile_backend: str = Field("inductor", description="torch.compile backend.")
+    vae_slicing: bool = Field(False, description="Decode a batch one image at a time.")
+    vae_tiling: bool = Field(False, description="Decode large images in tiles (less memory).")
+    tf32: bool = Field(True, description="Allow TF32 matmuls on CUDA (Ampere and newer).")
+    oom_fallback_queue: str | None = Field(
+        None,
+        description="After a CUDA out-of-memory at one image per call, send the job to this "
+        "queue (e.g. fleet.balanced, served by a balanced or offloading worker).",
+    )
+    batch_size: int = Field(
+        1,
+        description="Jobs generated together in one pipeline call (1: no batching). Run the "
+        "worker with --pool threads --concurrency BATCH_SIZE; see docs/batching.md.",
+    )
+    batch_wait_s: float = Field(
+        0.0, description="How long a job may wait for compatible company (0: never waits)."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object a line with job id, task id, queue, device."
+    )
+    metrics_port: int | None = Field(
+        None, description="Serve Prometheus metrics on this port (main process); empty: off."
+    )
+    heartbeat_interval_s: float = Field(10.0, description="How often the heartbeat is refreshed.")
+    heartbeat_ttl_s: int = Field(30, description="A worker whose heartbeat is older is unhealthy.")
+    progress_interval_s: float = Field(0.5, description="Least time between progress updates.")
+    cancel_check_interval_s: float = Field(
+        0.2, description="Least time between checks for `producer cancel` while generating."
+    )
+
+    @property
+    def served_model(self) -> str | None:
+        return self.model_name or self.model
+
+
+_CONFIG = SettingsConfigDict(
+    env_prefix="FLEET_",
+    env_file=".env",
+    env_ignore_empty=True,
+    extra="ignore",
+    validate_default=True,
+    frozen=False,
+)
+
+
+class FleetSettings(BaseSettings, RedisGroup, S3Group, Limits, WebhookGroup):
+    """What both the producer and the workers need: Redis, S3, the job limits, webhooks."""
+
+    model_config = _CONFIG
+
+    _split_allowed = field_validator("allowed_models", mode="before")(_split_list)
+    _split_routes = field_validator("model_routes", mode="before")(_split_map)
+
+    def limits(self) -> Limits:
+        return Limits.of(self)
+
+
+class ProducerSettings(FleetSettings, ProducerGroup):
+    """The producer's settings: the shared ones plus how it waits."""
+
+    model_config = _CONFIG
+
+
+class WorkerSettings(FleetSettings, WorkerGroup):
+    """Everything a worker process reads at start. See .env.example for each variable."""
+
+    model_config = _CONFIG
+
+
+#: The groups in the order .env.example lists them.
+GROUPS: tuple[type[BaseModel], ...] = (
+    RedisGroup, S3Group, Limits, WebhookGroup, ProducerGroup, WorkerGroup
+)  # fmt: skip
