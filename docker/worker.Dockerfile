@@ -35,10 +35,11 @@ RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY producer ./producer
+# The worker needs the shared core and itself; the producer's clients stay out of the image.
+COPY fleet ./fleet
 COPY worker ./worker
 RUN pip install ".[worker]" "$TORCH_SPEC" \
-    && python -c "import worker.app, worker.tasks, producer.client"
+    && python -c "import worker.app, worker.tasks, worker.runtime"
 
 # A non-root user owns the model cache and the spool; named volumes mounted there start with
 # this ownership.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import types
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,50 @@ def test_env_example_lists_every_setting() -> None:
         assert f"FLEET_{name.upper()}=" in text, name
     for name in ProducerSettings.model_fields:
         assert f"FLEET_{name.upper()}=" in text, name
+
+
+def _probe_value(annotation: object, default: object) -> str:
+    """A value for the variable, different from the field's default, as text."""
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _probe_value(args[0], default)
+    if typing.get_origin(annotation) is typing.Literal:
+        return str(next(a for a in args if a != default))
+    if len(args) == 1 and typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return _probe_value(args[0], default)
+    if annotation is bool:
+        return str(not default).lower()
+    if annotation is int:
+        return str((default or 0) + 3)
+    if annotation is float:
+        return str((default or 0.0) + 0.5)
+    if typing.get_origin(annotation) is dict:
+        return "probe=fleet.probe"
+    if typing.get_origin(annotation) is tuple:
+        return "probe-a,probe-b"
+    return "probe"
+
+
+def test_every_env_example_name_reaches_its_setting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each FLEET_* name in .env.example, set to a non-default value, changes its setting."""
+    monkeypatch.chdir(tmp_path)
+    repo = Path(__file__).parents[2]
+    names = re.findall(r"^(FLEET_\w+)=", (repo / ".env.example").read_text(), re.M)
+    assert len(names) == len(set(names)) > 50
+    fields = {**ProducerSettings.model_fields, **WorkerSettings.model_fields}
+    for name in names:
+        field_name = name.removeprefix("FLEET_").lower()
+        field = fields[field_name]
+        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        value = _probe_value(field.annotation, default)
+        monkeypatch.setenv(name, value)
+        cls = WorkerSettings if field_name in WorkerSettings.model_fields else ProducerSettings
+        got = getattr(cls(), field_name)
+        if hasattr(got, "get_secret_value"):
+            got = got.get_secret_value()
+        assert got != default, f"{name}={value} did not reach {cls.__name__}.{field_name}"
+        monkeypatch.delenv(name)

@@ -124,6 +124,8 @@ class Engine:
         if self.placement is not None:
             info.update(self.placement.describe())
             info["dtype"] = self.placement.dtype_name
+        if str(info.get("device", "")).startswith("cuda"):
+            info["memory_allocated_bytes"] = torch.cuda.memory_allocated()
         return info
 
     # -- generation ------------------------------------------------------------------------------

@@ -90,10 +90,8 @@ class Metrics:
     def engine_facts(self, info: dict[str, Any]) -> None:
         if info.get("load_seconds"):
             self.model_load.set(info["load_seconds"])
-        if str(info.get("device", "")).startswith("cuda"):
-            import torch
-
-            self.device_memory.set(torch.cuda.memory_allocated())
+        if info.get("memory_allocated_bytes") is not None:
+            self.device_memory.set(info["memory_allocated_bytes"])
 
 
 _metrics: Metrics | None = None
