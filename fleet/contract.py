@@ -6,6 +6,7 @@ language can follow ``docs/contract.md`` instead of importing this module.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 import uuid
@@ -18,6 +19,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import NoDecode
 
@@ -94,6 +96,15 @@ def new_job_id() -> str:
 
 def random_seed() -> int:
     return secrets.randbelow(SAFE_RANDOM_SEED_LIMIT)
+
+
+def derived_seed(job_id: str) -> int:
+    """The seed of a job sent without one: the first 8 bytes of SHA-256(job id), mod 2**53.
+
+    The same on every delivery, every host and every Python (``hash()`` is salted per process),
+    so a redelivered job makes the same images; below 2**53 so JavaScript reads it exactly."""
+    digest = hashlib.sha256(job_id.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") % SAFE_RANDOM_SEED_LIMIT
 
 
 def seed_for(seed: int, index: int) -> int:
@@ -222,7 +233,8 @@ class JobSpec(BaseModel):
     height: int = 512
     steps: int = 30
     guidance: float = 7.5
-    seed: int = Field(default_factory=random_seed)
+    #: Left out: derived from the job id (derived_seed), so every delivery uses the same one.
+    seed: int = 0
     images: int = 1
     #: None: the model the worker serves by default.
     model: str | None = None
@@ -231,6 +243,17 @@ class JobSpec(BaseModel):
     webhook: str | None = None
     #: Unix time the producer enqueued the job (for queue-wait metrics); not part of the recipe.
     submitted_at: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _identity(cls, data: Any) -> Any:
+        """A job without an id gets a new one; a job without a seed, the one its id derives."""
+        if isinstance(data, dict) and ("job_id" not in data or "seed" not in data):
+            data = dict(data)
+            data.setdefault("job_id", new_job_id())
+            if "seed" not in data and isinstance(data["job_id"], str):
+                data["seed"] = derived_seed(data["job_id"])
+        return data
 
     @field_validator("schema_version")
     @classmethod
@@ -422,6 +445,8 @@ class JobResult(BaseModel):
     schema_version: int = SCHEMA_VERSION
     job_id: str
     status: Literal["succeeded", "failed", "cancelled"]
+    #: True when the job came without a seed and used the one its id derives (derived_seed).
+    seed_derived: bool | None = None
     bucket: str | None = None
     images: list[ImageRecord] = Field(default_factory=list)
     manifest_key: str | None = None

@@ -4,7 +4,8 @@ As dramatiq's middleware wrap its actors, these wrap the ``fleet.generate`` task
 ``worker.tasks`` calls :meth:`JobPolicies.before` and :meth:`JobPolicies.after_failure`, and
 nothing else there decides anything. Each unit:
 
-- **message shape**: a message that is not ``kwargs={"job": {...}}`` fails once, clearly;
+- **message shape and identity**: a message that is not one job fails once, clearly; a job
+  without an id takes the task id, so every delivery is the same job;
 - **delivery cap**: a job whose worker dies each time it runs it ends as a recorded failure;
 - **retry table**: an error's disposition (``fleet.errors``) says whether it retries, for how
   long and with what backoff (:func:`retry_rules`);
@@ -103,29 +104,44 @@ def webhook_retry_options(settings: WorkerSettings) -> dict[str, Any]:
 # -- message shape --------------------------------------------------------------------------
 
 
-def check_message_shape(job: Any, unexpected: dict[str, Any]) -> None:
-    """A ``fleet.generate`` message takes exactly one keyword argument, ``job``."""
-    if unexpected or job is None:
-        raise JobValidationError(
-            [
-                (
-                    "kwargs",
-                    sorted(unexpected),
-                    f"a {contract.TASK_GENERATE} message takes exactly one keyword argument "
-                    "'job' (see docs/contract.md)",
-                )
-            ]
-        )
+def job_of_message(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The job of a ``fleet.generate`` message: ``kwargs={"job": {...}}`` (the contract), or the
+    one positional argument ``args=[{...}]``; anything else is refused, naming what came."""
+    if not args and set(kwargs) == {"job"}:
+        return kwargs["job"]
+    if len(args) == 1 and not kwargs:
+        return args[0]
+    got = f"{len(args)} positional argument(s) and keyword(s) {sorted(kwargs)}"
+    raise JobValidationError(
+        [
+            (
+                "kwargs",
+                sorted(kwargs),
+                f"a {contract.TASK_GENERATE} message takes exactly one keyword argument "
+                f"'job' (see docs/contract.md); got {got}",
+            )
+        ]
+    )
+
+
+def with_identity(job: Any, task_id: str) -> Any:
+    """A job sent without ``job_id`` takes its task id, on every delivery: its failure record,
+    cancel key, spool and log lines name it, and a redelivery finds what the first stored."""
+    if isinstance(job, dict) and job.get("job_id") is None:
+        return {**job, "job_id": task_id}
+    return job
 
 
 # -- delivery cap ---------------------------------------------------------------------------
 
 
-def count_delivery(client: redis.Redis, task_id: str, retries: int) -> int:
-    """Count this delivery of this attempt (a retry is a new attempt) in Redis."""
+def count_delivery(client: redis.Redis, task_id: str, retries: int, ttl_s: int) -> int:
+    """Count this delivery of this attempt (a retry is a new attempt) in Redis. The counter
+    lives as long as the job id's claim (FLEET_JOB_CLAIM_TTL_S): while either remembers the id,
+    a second delivery is not taken for a first one, and so looks in S3 before generating."""
     key = contract.DELIVERIES_KEY.format(task_id=task_id, retries=retries)
     with client.pipeline(transaction=False) as pipe:
-        count, _ = pipe.incr(key).expire(key, 7 * 24 * 3600).execute()
+        count, _ = pipe.incr(key).expire(key, ttl_s).execute()
     return int(count)
 
 
@@ -219,6 +235,8 @@ class Attempt:
     """What the policies found out about this delivery before the job runs."""
 
     task_id: str
+    #: The job as the runner gets it: with its id (the task id when the sender gave none).
+    job: Any
     deliveries: int
     first: bool
     queue: str | None
@@ -238,20 +256,32 @@ class JobPolicies:
         self.get_store = get_store
         self.rules = retry_rules(settings)
 
-    def before(self, task: Task, job: Any, unexpected: dict[str, Any]) -> Attempt:
-        """Check the message and count the delivery; raises (recorded) when it must not run."""
-        check_message_shape(job, unexpected)
+    def before(self, task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Attempt:
+        """Take the job from the message and count the delivery; raises (recorded) when the
+        job must not run."""
         request = task.request
+        task_id = str(request.id)
+        try:
+            job = with_identity(job_of_message(args, kwargs), task_id)
+        except JobValidationError as exc:  # recorded under the task id, never retried
+            self.record({"job_id": task_id, "args": list(args), "kwargs": kwargs}, exc)
+            self.report_failure(task, {"job_id": task_id}, exc)
+            raise
         retries = request.retries or 0
         delivery_info = request.delivery_info or {}
-        deliveries = count_delivery(self.get_redis(), str(request.id), retries)
+        deliveries = count_delivery(
+            self.get_redis(), task_id, retries, self.settings.job_claim_ttl_s
+        )
         capped = over_delivery_cap(deliveries, self.settings.max_deliveries)
         if capped is not None:
             self.record(job, capped)
             self.report_failure(task, job, capped)
             raise capped
         first = is_first_attempt(deliveries, retries, bool(delivery_info.get("redelivered")))
-        return Attempt(str(request.id), deliveries, first, delivery_info.get("routing_key"))
+        # The counter is the task's: it speaks for the job only when the job's id is the task id
+        # (the producer's way). A job id sent under other task ids may be stored already.
+        first = first and isinstance(job, dict) and job.get("job_id") == task_id
+        return Attempt(task_id, job, deliveries, first, delivery_info.get("routing_key"))
 
     def cancel_checker(self, job: Any) -> Callable[[], bool] | None:
         return cancel_checker(self.get_redis, job)

@@ -78,6 +78,13 @@ class JobRunner:
         device = self.engine.placement.device if self.engine.placement else self.settings.device
         jlog = JobLog(log, {"job_id": job_id, "task_id": task_id, "queue": queue, "device": device})
         started = time.perf_counter()
+        # Its id first: with a usable id, a job that already succeeded is returned as it is,
+        # whatever else the message says now (success beats failure).
+        if isinstance(job_id, str) and contract.JOB_ID_PATTERN.match(job_id) and not first_attempt:
+            done = self._already_done(job_id)
+            if done is not None:
+                jlog.info("already complete in storage; not generating again")
+                return done
         try:
             spec = validate_job(job, self.settings.limits())
         except JobValidationError as exc:
@@ -98,11 +105,7 @@ class JobRunner:
 
         if is_cancelled is not None and is_cancelled():
             return self.record_cancelled(spec, jlog, "cancelled before it started")
-
-        done = None if first_attempt else self._already_done(spec)
-        if done is not None:
-            jlog.info("already complete in storage; not generating again")
-            return done
+        seed_derived = isinstance(job, dict) and "seed" not in job
 
         try:
             pngs, worker_info, timings = self._generate(spec, jlog, on_progress, is_cancelled)
@@ -110,8 +113,9 @@ class JobRunner:
                 worker_info["node"] = node  # the Celery node name, e.g. gpu0@host
             try:
                 result = self._store(
-                    spec, pngs, worker_info, timings, started, jlog, clear=not first_attempt
-                )
+                    spec, pngs, worker_info, timings, started, jlog,
+                    clear=not first_attempt, seed_derived=seed_derived,
+                )  # fmt: skip
             except StorageError:
                 # Retried by the task with backoff; the spool keeps the images meanwhile, so
                 # they are not generated again (written only now: the usual path skips disk).
@@ -149,14 +153,12 @@ class JobRunner:
                 ]
             )
 
-    def _already_done(self, spec: JobSpec) -> dict[str, Any] | None:
+    def _already_done(self, job_id: str) -> dict[str, Any] | None:
         try:
-            manifest = self.store.get_json(
-                contract.manifest_key(spec.job_id, self.settings.s3_prefix)
-            )
+            manifest = self.store.get_json(contract.manifest_key(job_id, self.settings.s3_prefix))
         except StorageError as exc:
             # Cannot tell while S3 is down: generate into the spool; the upload will retry.
-            log.warning("[job=%s] cannot check for a stored result: %s", spec.job_id, exc)
+            log.warning("[job=%s] cannot check for a stored result: %s", job_id, exc)
             return None
         if not manifest or manifest.get("status") != "succeeded":
             return None
@@ -244,6 +246,7 @@ class JobRunner:
         started: float,
         jlog: JobLog,
         clear: bool = True,
+        seed_derived: bool = False,
     ) -> dict[str, Any]:
         prefix = self.settings.s3_prefix
         upload_started = time.perf_counter()
@@ -262,6 +265,7 @@ class JobRunner:
         result = JobResult(
             job_id=spec.job_id,
             status="succeeded",
+            seed_derived=seed_derived,
             bucket=self.store.bucket,
             images=records,
             manifest_key=mkey,

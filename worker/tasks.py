@@ -25,9 +25,10 @@ _policies = JobPolicies(runtime.get_settings(), runtime.get_redis, runtime.get_s
     reject_on_worker_lost=True,
     max_retries=None,  # retries are bounded in time instead (worker.policies.retry_rules)
 )
-def generate(self: Task, job: Any = None, **unexpected: Any) -> dict[str, Any]:
-    """Generate one job's images. ``job`` is the JSON job of docs/contract.md."""
-    attempt = _policies.before(self, job, unexpected)
+def generate(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Generate one job's images: ``kwargs={"job": {...}}``, the JSON job of docs/contract.md."""
+    attempt = _policies.before(self, args, kwargs)
+    job = attempt.job
     started = time.perf_counter()
     try:
         runner = runtime.get_runner()  # making it checks the bucket: S3 may be down

@@ -146,3 +146,21 @@ def test_webhook_targets_in_private_ranges_are_refused_unless_allowed() -> None:
     assert "http:// or https://" in problems({"prompt": "x", "webhook": "ftp://a/b"})["webhook"]
     allowed = Limits(webhook_allow_private=True)
     assert validate_job({"prompt": "x", "webhook": "http://127.0.0.1/h"}, allowed).webhook
+
+
+def test_a_job_without_a_seed_derives_it_from_its_id_the_same_everywhere() -> None:
+    import hashlib
+    import subprocess
+    import sys
+
+    job = validate_job({"prompt": "a fox", "job_id": "job-42"})
+    expected = int.from_bytes(hashlib.sha256(b"job-42").digest()[:8], "big") % 2**53
+    assert job.seed == contract.derived_seed("job-42") == expected
+    # Another process (another hash() salt) derives the same seed.
+    code = "from fleet.contract import derived_seed; print(derived_seed('job-42'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout) == expected
+    assert validate_job({"prompt": "a fox", "job_id": "job-42", "seed": 7}).seed == 7
+    assert contract.derived_seed("job-43") != expected
+    fresh = JobSpec(prompt="no id")
+    assert fresh.seed == contract.derived_seed(fresh.job_id) < 2**53

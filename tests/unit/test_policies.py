@@ -120,11 +120,23 @@ def test_webhook_deliveries_use_celerys_own_retries_for_transient_errors() -> No
 # -- message shape and delivery cap ---------------------------------------------------------
 
 
-@pytest.mark.parametrize(("job", "extra"), [(None, {}), ({"prompt": "x"}, {"spec": 1})])
-def test_a_message_that_is_not_one_job_keyword_is_refused(job: Any, extra: Any) -> None:
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [((), {}), ((), {"job": {}, "spec": 1}), (({}, {}), {}), (({},), {"job": {}})],
+)
+def test_a_message_that_is_not_one_job_is_refused(args: Any, kwargs: Any) -> None:
     with pytest.raises(JobValidationError, match="exactly one keyword argument 'job'"):
-        policies.check_message_shape(job, extra)
-    policies.check_message_shape({"prompt": "x"}, {})  # the contract's shape passes
+        policies.job_of_message(args, kwargs)
+
+
+def test_a_job_keeps_one_identity_the_task_id_when_it_has_none() -> None:
+    job = {"prompt": "x"}
+    assert policies.job_of_message((), {"job": job}) is job  # the contract's shape
+    assert policies.job_of_message((job,), {}) is job  # one positional job: the same treatment
+    assert policies.with_identity(job, "task-7") == {"prompt": "x", "job_id": "task-7"}
+    assert policies.with_identity({"job_id": None}, "t")["job_id"] == "t"
+    assert policies.with_identity({"job_id": "mine"}, "t")["job_id"] == "mine"
+    assert policies.with_identity("not a dict", "t") == "not a dict"
 
 
 def test_the_delivery_cap_fails_a_job_whose_worker_dies_every_time() -> None:

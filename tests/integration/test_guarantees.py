@@ -1,0 +1,103 @@
+"""Guarantees a foreign client depends on: one identity per job, one truth about its state.
+
+Each test is named after the guarantee it proves, and runs against the real fleet: a real Redis,
+a real SeaweedFS S3 server and a real `celery worker` running the tiny pipeline.
+"""
+
+from __future__ import annotations
+
+import pytest
+from celery.result import AsyncResult
+
+from fleet import contract
+from fleet.contract import JobSpec
+from producer.client import Client
+from tests.fleet_fixtures import wait_until
+from tests.integration.test_reliability import (
+    FAST_REDELIVERY,
+    kill_pool_child_mid_job,
+    objects_of,
+    received,
+)
+
+pytestmark = pytest.mark.integration
+
+NO_ID_NO_SEED = {"prompt": "a slow lighthouse", "width": 64, "height": 64, "steps": 40}
+
+
+def _result(client: Client, task_id: str, timeout: float = 120) -> dict:  # type: ignore[type-arg]
+    res = AsyncResult(task_id, app=client.celery)
+    wait_until(lambda: res.state in ("SUCCESS", "FAILURE"), timeout, f"task {task_id} ending")
+    return res.result if res.state == "SUCCESS" else {"error": str(res.result)}
+
+
+def test_a_job_without_id_and_seed_keeps_one_identity_across_deliveries(
+    start_worker, qclient: Client, store, queue: str
+) -> None:
+    w = start_worker("identity", queues=queue, FLEET_MAX_DELIVERIES="10", **FAST_REDELIVERY)
+    res = qclient.celery.send_task(contract.TASK_GENERATE, kwargs={"job": NO_ID_NO_SEED},
+                                   queue=queue)  # fmt: skip
+    for seen in range(2):
+        kill_pool_child_mid_job(w, seen)
+    result = _result(qclient, res.id)
+    assert result.get("job_id") == res.id, result
+    assert result["seed_derived"] is True
+    # Three deliveries, one job: every one named the task id, and one prefix holds it all.
+    assert received(w) == received(w, res.id) == 3
+    assert objects_of(store, res.id) == [
+        contract.image_key(res.id, 0),
+        contract.manifest_key(res.id),
+    ]
+    manifest = store.get_json(contract.manifest_key(res.id))
+    assert manifest["status"] == "succeeded"
+    assert manifest["job"]["seed"] == contract.derived_seed(res.id)
+    assert result["images"][0]["seed"] == contract.derived_seed(res.id)
+
+
+def test_a_positional_job_gets_the_same_identity_and_a_wrong_shape_a_recorded_refusal(
+    worker, qclient: Client, client: Client
+) -> None:
+    job = {**NO_ID_NO_SEED, "steps": 2}
+    res = client.celery.send_task(contract.TASK_GENERATE, args=[job])
+    result = _result(client, res.id)
+    assert result.get("job_id") == res.id and result["status"] == "succeeded", result
+    assert result["images"][0]["seed"] == contract.derived_seed(res.id)
+    bad = client.celery.send_task(contract.TASK_GENERATE, args=[job, job])
+    ended = _result(client, bad.id)
+    assert "exactly one keyword argument 'job'" in ended["error"]
+    failed = {e["job_id"]: e for e in client.failed()}
+    assert failed[bad.id]["error_type"] == "JobValidationError"
+
+
+def test_a_job_without_an_id_gets_a_failure_record_and_a_cancel_key_under_its_task_id(
+    worker, client: Client
+) -> None:
+    bad = client.celery.send_task(contract.TASK_GENERATE, kwargs={"job": {"prompt": "x",
+                                                                          "steps": 0}})  # fmt: skip
+    assert "steps=0" in _result(client, bad.id)["error"]
+    failed = {e["job_id"]: e for e in client.failed()}
+    assert "steps=0" in failed[bad.id]["error"]
+    assert worker.log().count(f"[job={bad.id} ") >= 1  # its log lines name it
+
+    slow = client.celery.send_task(contract.TASK_GENERATE,
+                                   kwargs={"job": {**NO_ID_NO_SEED, "steps": 150}})  # fmt: skip
+    wait_until(lambda: client.status(slow.id).state == "started", 60, "the slow job running")
+    client.cancel(slow.id)
+    assert client.wait([slow.id], timeout=60)[0].state == "cancelled"
+
+
+def test_success_beats_failure_a_resent_job_never_replaces_its_stored_images(
+    worker, client: Client, store
+) -> None:
+    done = client.submit(JobSpec(prompt="kept", width=64, height=64, steps=2))
+    assert done.wait(timeout=60).state == "succeeded"
+    images = objects_of(store, done.job_id)
+    # The same id sent again by a foreign client, now with a model this worker does not serve.
+    again = {"prompt": "kept", "job_id": done.job_id, "model": "not-served", "steps": 2}
+    res = client.celery.send_task(contract.TASK_GENERATE, kwargs={"job": again},
+                                  task_id=done.job_id + "-resend")  # fmt: skip
+    result = _result(client, res.id)
+    assert result.get("status") == "succeeded" and result["job_id"] == done.job_id, result
+    assert store.get_json(contract.manifest_key(done.job_id))["status"] == "succeeded"
+    assert objects_of(store, done.job_id) == images
+    assert done.job_id not in {e["job_id"] for e in client.failed()}
