@@ -176,7 +176,8 @@ class Client:
 
     def status(self, job_id: str) -> JobStatus:
         """The job's state. Celery says PENDING for ids it does not know or whose results
-        expired, so a PENDING job is looked up in S3 (its manifest) before it reads as queued."""
+        expired, so a PENDING job is looked up in S3 (its manifest) before it reads as queued;
+        a job Celery calls failed or revoked reads as its manifest says, when it has one."""
         res = AsyncResult(job_id, app=self.celery)
         state = res.state
         if state == "SUCCESS":
@@ -184,8 +185,10 @@ class Client:
             done: contract.JobState = "cancelled" if result.status == "cancelled" else "succeeded"
             return JobStatus(job_id=job_id, state=done, result=result)
         if state == "FAILURE":
+            # Where the two disagree the manifest is the truth: a job stored while Redis was
+            # away may carry a failure result of that outage.
             from_store = self._from_manifest(job_id)
-            if from_store is not None and from_store.state == "failed":
+            if from_store is not None:
                 return from_store
             reason = str(res.result) if res.result is not None else "unknown error"
             error_type = type(res.result).__name__ if res.result is not None else None

@@ -45,6 +45,12 @@ def worker_config(settings: WorkerSettings) -> dict[str, Any]:
             "unacked_restore_interval": settings.unacked_restore_interval_s,
             "unacked_restore_throttle": settings.unacked_restore_throttle,
         },
+        # Storing a result (or PROGRESS) survives a Redis outage as storing images survives an
+        # S3 outage: retried with backoff for about the storage retry window, not failed.
+        "result_backend_always_retry": True,
+        "result_backend_base_sleep_between_retries_ms": 100,
+        "result_backend_max_sleep_between_retries_ms": 5000,
+        "result_backend_max_retries": int(settings.storage_retry_window_s / 5) + 10,
         # Registers the tasks by name; worker.tasks imports no torch at module level either.
         "include": ["worker.tasks"],
     }

@@ -255,6 +255,7 @@ class JobPolicies:
         self.get_redis = get_redis
         self.get_store = get_store
         self.rules = retry_rules(settings)
+        self._progress: Any = None  # the result backend for PROGRESS states, made on first use
 
     def before(self, task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Attempt:
         """Take the job from the message and count the delivery; raises (recorded) when the
@@ -288,15 +289,27 @@ class JobPolicies:
 
     def progress_reporter(self, task: Task, task_id: str) -> Callable[[dict[str, Any]], None]:
         """Progress goes to the result backend as a PROGRESS state, best effort: a job never
-        fails over it. ``task_id`` is explicit: the batcher's thread reports too."""
+        fails or waits over it. Results retry through a Redis outage (result_backend_always_
+        retry); progress must not, or generation would stall until Redis is back, so it has a
+        backend of its own that gives up at once. ``task_id`` is explicit: the batcher's thread
+        reports too."""
+        backend = self._progress_backend(task)
+        request = task.request  # this task's, also when the batcher's thread reports
 
         def report(meta: dict[str, Any]) -> None:
             try:
-                task.update_state(task_id=task_id, state="PROGRESS", meta=meta)
+                backend.store_result(task_id, meta, "PROGRESS", request=request)
             except Exception as exc:
                 log.warning("[job=%s] progress update failed: %s", task_id, exc)
 
         return report
+
+    def _progress_backend(self, task: Task) -> Any:
+        if self._progress is None:
+            backend = type(task.backend)(app=task.app, url=task.app.conf.result_backend)
+            backend.always_retry = False
+            self._progress = backend
+        return self._progress
 
     def after_success(
         self, task: Task, job: Any, result: dict[str, Any], describe: Callable[[], Any]

@@ -6,13 +6,19 @@ a real SeaweedFS S3 server and a real `celery worker` running the tiny pipeline.
 
 from __future__ import annotations
 
+import time
+import uuid
+from pathlib import Path
+
 import pytest
 from celery.result import AsyncResult
 
 from fleet import contract
 from fleet.contract import JobSpec
+from fleet.settings import ProducerSettings
 from producer.client import Client
-from tests.fleet_fixtures import wait_until
+from tests.conftest import own_fleet_env
+from tests.fleet_fixtures import WorkerProcess, settings_kwargs, wait_until
 from tests.integration.test_reliability import (
     FAST_REDELIVERY,
     kill_pool_child_mid_job,
@@ -101,3 +107,40 @@ def test_success_beats_failure_a_resent_job_never_replaces_its_stored_images(
     assert store.get_json(contract.manifest_key(done.job_id))["status"] == "succeeded"
     assert objects_of(store, done.job_id) == images
     assert done.job_id not in {e["job_id"] for e in client.failed()}
+
+
+def test_a_job_that_finishes_while_redis_is_down_reads_as_succeeded(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    from fleet.localdev import LocalServices
+
+    services = LocalServices(tmp_path / "own-services")
+    ep = services.start()
+    # The default visibility timeout (1 h): no redelivery can paper over a lost result.
+    env = own_fleet_env(ep.env(), tiny_model)
+    w = WorkerProcess(f"redisdown-{uuid.uuid4().hex[:4]}@localhost", env, tmp_path / "w.log")
+    try:
+        w.start()
+        with Client(ProducerSettings(_env_file=None, **settings_kwargs(env))) as c:
+            assert c.submit(JobSpec(prompt="warm", width=64, height=64, steps=2)).wait(
+                timeout=60).state == "succeeded"  # fmt: skip
+            handle = c.submit(JobSpec(prompt="through an outage", width=64, height=64, steps=60))
+            wait_until(lambda: c.status(handle.job_id).state == "started", 60, "job running")
+            services.redis.stop()
+            down_at = time.monotonic()
+            manifest = contract.manifest_key(handle.job_id)
+            wait_until(lambda: (c.store.get_json(manifest) or {}).get("status") == "succeeded",
+                       60, "the job stored while Redis is down")  # fmt: skip
+            wait_until(lambda: time.monotonic() - down_at >= 15, 20, "15 s of outage")
+            services.redis.start()
+            st = c.wait([handle.job_id], timeout=60)[0]
+            assert st.state == "succeeded", st
+            assert st.result is not None and st.result.images
+            assert handle.job_id not in {e["job_id"] for e in c.failed()}
+            # The worker goes on.
+            after = c.submit(JobSpec(prompt="after", width=64, height=64, steps=2))
+            assert after.wait(timeout=120).state == "succeeded"
+        assert w.proc.poll() is None
+    finally:
+        w.stop()
+        services.stop()
