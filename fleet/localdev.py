@@ -1,4 +1,10 @@
-"""Embedded local Redis and SeaweedFS S3 servers on free loopback ports, for the demo and tests."""
+"""Embedded local Redis and SeaweedFS S3 servers on free loopback ports, for the demo and tests.
+
+Starting, stopping (SIGTERM, a grace period, then SIGKILL) and killing are mirakuru's: each
+server runs under a ``mirakuru.TCPExecutor`` in a session (so a process group) of its own, which
+also keeps a terminal's Ctrl-C away from the servers. What is left here is what these two
+servers need on top: readiness checks, port choice and retries, and cleanup.
+"""
 
 from __future__ import annotations
 
@@ -31,9 +37,11 @@ from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
 import boto3
+import mirakuru
 import redis
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
+from mirakuru.exceptions import ProcessFinishedWithError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -58,6 +66,7 @@ WEED_GRPC_OFFSET = 10000
 _WEED_PORT_TROUBLE = re.compile(r"Port allocation failed|port \d+ for \S+ is not available")
 _S3_ACTIONS = ["Admin", "Read", "Write", "List", "Tagging"]
 _UNIX_SOCKET_MAX = 100  # sun_path is 104-108 bytes depending on the OS
+_POLL_S = 0.05  # how often mirakuru checks readiness while starting, and exit while stopping
 
 
 class ServiceStartError(RuntimeError):
@@ -126,42 +135,6 @@ def _log_tail(path: Path, offset: int = 0, lines: int = 40) -> str:
     return "\n".join(tail) if tail else "<empty log>"
 
 
-def _listening_inodes(port: int) -> set[str] | None:
-    """Socket inodes listening on TCP ``port`` (Linux /proc), or None where /proc is unavailable."""
-    found: set[str] = set()
-    any_table = False
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        any_table = True
-        for row in rows:
-            cols = row.split()
-            if len(cols) < 10 or cols[3] != "0A":  # 0A = LISTEN
-                continue
-            if int(cols[1].rsplit(":", 1)[1], 16) == port:
-                found.add(cols[9])
-    return found if any_table else None
-
-
-def process_listens_on(pid: int, port: int) -> bool | None:
-    """Whether process ``pid`` listens on TCP ``port``; None where that can't be told."""
-    inodes = _listening_inodes(port)
-    if inodes is None:
-        return None
-    try:
-        fds = list(Path(f"/proc/{pid}/fd").iterdir())
-    except OSError:
-        return None
-    targets = {f"socket:[{inode}]" for inode in inodes}
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            if os.readlink(fd) in targets:
-                return True
-    return False
-
-
 def _remove_stale_unix_socket(path: Path) -> None:
     """Delete ``path`` if it is a unix socket nobody listens on any more."""
     try:
@@ -223,127 +196,162 @@ def find_weed() -> str:
     )  # fmt: skip
 
 
-# --------------------------------------------------------------------------- process handling
+# --------------------------------------------------------------------------- servers
 
-_LIVE: set[_Service] = set()
-_LIVE_LOCK = threading.Lock()
+# mirakuru's own atexit hook SIGKILLs whatever it started and is still running. This one runs
+# before it (atexit is last-in, first-out, and mirakuru registered at import) and stops them
+# gracefully instead: Redis flushes its AOF and weed's stale sockets are removed from /tmp.
+# Only in the process that started them: a forked child inherits this set but must leave its
+# parent's servers alone.
+_LIVE: set[_Server] = set()
 
 
 @atexit.register
 def _stop_leftovers() -> None:
-    """Stop servers a crashing or forgetful parent left running (only in the process that owns
-    them: a forked child inherits the registry but must not stop its parent's servers)."""
-    with _LIVE_LOCK:
-        leftovers = list(_LIVE)
-    for service in leftovers:
-        if service._owner_pid == os.getpid():
+    for server in list(_LIVE):
+        if server._owner_pid == os.getpid():
             with contextlib.suppress(Exception):
-                service.stop()
+                server.stop()
 
 
-def _exited(proc: subprocess.Popen[bytes]) -> bool:
-    """Whether ``proc`` has exited, without reaping it (so its pid and group stay reserved)."""
-    if proc.returncode is not None:
-        return True
-    try:
-        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
-    except ChildProcessError:
-        return proc.poll() is not None
-    except AttributeError:  # no waitid on this platform
-        return proc.poll() is not None
-    return info is not None
+class _PortTrouble(Exception):
+    """The server logged that it could not have a port it was given."""
 
 
-def _wait_exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not _exited(proc):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-    return True
+class _ServerExecutor(mirakuru.TCPExecutor):
+    """mirakuru's TCPExecutor for a server. Before the start the port must not accept
+    connections yet (else ``AlreadyRunning``: somebody else has it); the server is ready once
+    the port accepts connections and ``ready()`` says so, and ``problem()`` ends the start
+    early."""
+
+    def __init__(
+        self,
+        command: list[str],
+        port: int,
+        ready: Callable[[], bool],
+        problem: Callable[[], str | None],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(command, host=LOOPBACK, port=port, **kwargs)
+        self._ready = ready
+        self._problem = problem
+
+    def after_start_check(self) -> bool:
+        # mirakuru takes an exit with status 0 for a daemon that forked away and keeps waiting
+        # for the port; these servers never daemonize, so any exit is a failed start.
+        if self.process is not None and self.process.poll() is not None:
+            raise mirakuru.ProcessExitedWithError(self, self.process.returncode)
+        ready = super().after_start_check() and self._ready()
+        problem = self._problem()  # looked at last, so nothing logged until now is missed
+        if problem:
+            raise _PortTrouble(problem)
+        return ready
 
 
-@contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back for a moment (main thread only) and re-deliver them after.
+_S = TypeVar("_S", bound="_Server")
 
-    Python handlers, not the signal mask: a blocked mask would be inherited by the servers.
+
+class _Server(abc.ABC):
+    """A server run by mirakuru, logging to ``workdir/<log_name>``, stopped on exit.
+
+    A first start picks free ports and, where one turns out to be taken, tries again with new
+    ones (``START_ATTEMPTS``); restarts keep the ports of the first good start, so clients can
+    reconnect. ``timeout`` is how long a start may take to become ready and how long a stop
+    waits after SIGTERM before it SIGKILLs the process group (mirakuru has one for both).
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[int] = []
-
-    def hold(signum: int, frame: FrameType | None) -> None:
-        held.append(signum)
-
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = [signal.signal(sig, hold) for sig in signals]
-    try:
-        yield
-    finally:
-        for sig, old in zip(signals, previous, strict=True):
-            signal.signal(sig, old if old is not None else signal.SIG_DFL)
-        for signum in held:
-            signal.raise_signal(signum)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-_S = TypeVar("_S", bound="_Service")
-
-
-class _Service(abc.ABC):
-    """A server subprocess in its own process group, logging to a file, stopped on exit.
-    Subclasses say how to start theirs (``start``)."""
 
     name = "service"
-    stop_timeout = 10.0
+    program = "server"
+    log_name = "service.log"
+    port_key = "port"  # the port mirakuru checks, of those in _pick_ports()
 
-    def __init__(self, workdir: Path, log_name: str, startup_timeout: float) -> None:
+    def __init__(self, workdir: Path, timeout: float, find_executable: Callable[[], str]) -> None:
         self.workdir = Path(workdir)
-        self.log_path = self.workdir / log_name
-        self.startup_timeout = startup_timeout
-        self.ready_seconds: float | None = None  # how long the last start took to answer
-        self._proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.workdir / self.log_name
+        self.timeout = timeout
+        self._find_executable = find_executable
+        self._ports: dict[str, int] | None = None  # set by the first good start, kept after
+        self._launched: dict[str, int] = {}  # the ports of the latest launch
+        self._executor: _ServerExecutor | None = None
         self._log_offset = 0
         self._owner_pid = os.getpid()
         self._lock = threading.RLock()
 
-    # -- public lifecycle
+    @abc.abstractmethod
+    def _prepare(self) -> None:
+        """Make what the server needs on disk before it starts."""
+
+    @abc.abstractmethod
+    def _pick_ports(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    def _command(self, executable: str, ports: dict[str, int]) -> list[str]: ...
+
+    @abc.abstractmethod
+    def _ready(self, ports: dict[str, int]) -> bool:
+        """What the server must be, beyond accepting connections, to be of use."""
+
+    def _problem(self) -> str | None:
+        """Why this start cannot work out, as the server logged it; None: no such reason."""
+        return None
+
+    def _leftovers(self, ports: dict[str, int]) -> list[Path]:
+        """Unix sockets the server may leave behind, to remove once it is gone (those that
+        nobody listens on: another server may have been given the same port since)."""
+        return []
+
+    @property
+    def port(self) -> int:
+        if self._ports is None:
+            raise RuntimeError(f"{type(self).__name__} has no port until start()")
+        return self._ports[self.port_key]
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        process = self._executor.process if self._executor is not None else None
+        return process.pid if process is not None else None
 
     @property
     def is_running(self) -> bool:
-        return self._proc is not None and not _exited(self._proc)
+        return self._executor is not None and self._executor.running()
+
+    def start(self: _S) -> _S:
+        """Start the server (on its old ports, when it ran before) and wait until it is ready."""
+        with self._lock:
+            if self.is_running:
+                return self
+            executable = self._find_executable()
+            self._prepare()
+            errors: list[str] = []
+            for attempt in range(1, (1 if self._ports else START_ATTEMPTS) + 1):
+                ports = self._ports or self._pick_ports()
+                began = time.monotonic()
+                try:
+                    self._launch(executable, ports)
+                except (mirakuru.ExecutorError, _PortTrouble) as exc:
+                    reason = self._problem() or self._reason(exc, ports)
+                    errors.append(f"attempt {attempt} with ports {ports}: {reason}")
+                    log.warning("%s did not start: %s", self.name, reason)
+                    continue
+                self._ports = ports
+                log.info(
+                    "%s ready on port %d in %.2fs (pid %s)",
+                    self.name, self.port, time.monotonic() - began, self.pid,
+                )  # fmt: skip
+                return self
+            raise ServiceStartError(
+                f"{self.program} did not start:\n  "
+                + "\n  ".join(errors)
+                + f"\nlast lines of {self.log_path}:\n{self._tail()}"
+            )
 
     def stop(self) -> None:
-        """SIGTERM the process group, wait, then SIGKILL it. Safe to call twice."""
-        with self._lock:
-            proc, self._proc = self._proc, None
-            if proc is None:
-                return
-            if not _exited(proc):
-                _signal_group(proc.pid, signal.SIGTERM)
-                if not _wait_exited(proc, self.stop_timeout):
-                    log.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, proc.pid)
-            self._reap(proc)
-            log.info("%s stopped", self.name)
+        """SIGTERM the process group, wait up to ``timeout``, then SIGKILL it. Safe twice."""
+        self._end(graceful=True)
 
     def kill(self) -> None:
         """SIGKILL the process group at once, as a crash would (for fault tests)."""
-        with self._lock:
-            proc, self._proc = self._proc, None
-            if proc is None:
-                return
-            self._reap(proc)
-            log.info("%s killed", self.name)
+        self._end(graceful=False)
 
     def restart(self) -> None:
         """Stop and start again on the same port(s) and data directory."""
@@ -351,48 +359,64 @@ class _Service(abc.ABC):
             self.stop()
             self.start()
 
-    @abc.abstractmethod
-    def start(self: _S) -> _S:
-        """Start the server and wait until it answers; returns self."""
-
-    # -- internals
-
-    def _reap(self, proc: subprocess.Popen[bytes]) -> None:
-        # The leader is not reaped yet, so its pid (= the group id) cannot have been reused:
-        # SIGKILL whatever is left of the group (children such as redis' AOF rewriter), then reap.
-        _signal_group(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
-
-    def _spawn(self, cmd: list[str]) -> subprocess.Popen[bytes]:
+    def _launch(self, executable: str, ports: dict[str, int]) -> None:
+        command = self._command(executable, ports)
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as logfh:
-            logfh.write(f"\n=== {time.strftime('%F %T')} {shlex.join(cmd)}\n".encode())
+            logfh.write(f"\n=== {time.strftime('%F %T')} {shlex.join(command)}\n".encode())
             logfh.flush()
             self._log_offset = logfh.tell()
-            with _signals_held():  # a Ctrl-C inside Popen() would orphan the server
-                proc = subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=logfh,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.workdir,
-                    start_new_session=True,
-                )
-                self._proc = proc
-                with _LIVE_LOCK:
-                    _LIVE.add(self)
-        return proc
+            self._executor = _ServerExecutor(
+                command,
+                port=ports[self.port_key],
+                ready=lambda: self._ready(ports),
+                problem=self._problem,
+                cwd=str(self.workdir),
+                timeout=self.timeout,
+                sleep=_POLL_S,
+                stdin=subprocess.DEVNULL,
+                # Into the log: mirakuru's default is a pipe, which nobody here would read, and
+                # a server blocks once it has written a pipe's worth (64 KiB) into it.
+                stdout=logfh,
+                stderr=subprocess.STDOUT,
+            )
+            self._launched = ports
+            _LIVE.add(self)
+            try:
+                self._executor.start()
+            except BaseException as exc:  # not ready (mirakuru killed it then), or interrupted
+                self.kill()
+                if isinstance(exc, OSError):
+                    raise ServiceStartError(f"cannot run {executable}: {exc}") from exc
+                raise
 
-    def _abandon(self) -> None:
-        """Kill a process that failed to become ready."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            _wait_exited(proc, 3)
-            self._reap(proc)
+    def _reason(self, exc: Exception, ports: dict[str, int]) -> str:
+        """mirakuru's messages name the executor with its whole command line: say it shorter."""
+        if isinstance(exc, mirakuru.AlreadyRunning):
+            return f"port {ports[self.port_key]} is already taken"
+        if isinstance(exc, mirakuru.TimeoutExpired):
+            return f"not ready in {self.timeout:.0f}s"
+        if isinstance(exc, mirakuru.ProcessExitedWithError):
+            return f"exited with status {exc.exit_code}"
+        return str(exc)
+
+    def _end(self, graceful: bool) -> None:
+        with self._lock:
+            executor, self._executor = self._executor, None
+            if executor is None:
+                return
+            try:
+                if graceful:
+                    executor.stop()
+                else:
+                    executor.kill()
+            except ProcessFinishedWithError as exc:  # it is gone all the same
+                log.warning("%s exited with %d:\n%s", self.name, exc.exit_code, self._tail())
+            finally:
+                _LIVE.discard(self)
+                for path in self._leftovers(self._launched):
+                    _remove_stale_unix_socket(path)
+            log.info("%s %s", self.name, "stopped" if graceful else "killed")
 
     def _tail(self) -> str:
         return _log_tail(self.log_path, self._log_offset)
@@ -409,17 +433,15 @@ class _Service(abc.ABC):
         self.stop()
 
 
-class _AttemptFailed(Exception):
-    """One start attempt failed in a way a new port may fix."""
-
-
 # --------------------------------------------------------------------------- Redis
 
 
-class RedisServer(_Service):
+class RedisServer(_Server):
     """redis-server on 127.0.0.1; data (AOF) in ``workdir/redis``, log in ``workdir/redis.log``."""
 
     name = "redis"
+    program = "redis-server"
+    log_name = "redis.log"
 
     def __init__(
         self,
@@ -429,17 +451,10 @@ class RedisServer(_Service):
         executable: str | None = None,
         startup_timeout: float = 20.0,
     ) -> None:
-        super().__init__(workdir, "redis.log", startup_timeout)
+        super().__init__(workdir, startup_timeout, lambda: executable or find_redis_server())
         self.data_dir = self.workdir / "redis"
-        self._port = port
-        self._pinned = port is not None  # once a port has been used, restarts keep it
-        self._executable = executable
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("RedisServer has no port until start()")
-        return self._port
+        if port is not None:  # a given port is used as it is, never swapped for another
+            self._ports = {"port": port}
 
     @property
     def url(self) -> str:
@@ -448,39 +463,16 @@ class RedisServer(_Service):
     def client(self, **kwargs: Any) -> redis.Redis:
         return redis.Redis(host=LOOPBACK, port=self.port, **kwargs)
 
-    def start(self) -> RedisServer:
-        with self._lock:
-            if self.is_running:
-                return self
-            executable = self._executable or find_redis_server()
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            attempts = 1 if self._pinned else START_ATTEMPTS
-            errors: list[str] = []
-            for attempt in range(1, attempts + 1):
-                port = self._port if self._pinned and self._port else _free_ports(1)[0]
-                began = time.monotonic()
-                try:
-                    self._start_once(executable, port)
-                except _AttemptFailed as exc:
-                    errors.append(f"attempt {attempt} on port {port}: {exc}")
-                    log.warning("redis did not start on port %d (%s)", port, exc)
-                    continue
-                self._port, self._pinned = port, True
-                self.ready_seconds = time.monotonic() - began
-                log.info(
-                    "redis ready at %s in %.2fs (pid %d)", self.url, self.ready_seconds, self.pid
-                )
-                return self
-            raise ServiceStartError(
-                "redis-server did not start:\n  "
-                + "\n  ".join(errors)
-                + f"\nlast lines of {self.log_path}:\n{self._tail()}"
-            )
+    def _prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
 
-    def _start_once(self, executable: str, port: int) -> None:
-        cmd = [
+    def _pick_ports(self) -> dict[str, int]:
+        return {"port": _free_ports(1)[0]}
+
+    def _command(self, executable: str, ports: dict[str, int]) -> list[str]:
+        return [
             executable,
-            "--port", str(port),
+            "--port", str(ports["port"]),
             "--bind", LOOPBACK,
             "--dir", str(self.data_dir),
             "--save", "",
@@ -489,44 +481,23 @@ class RedisServer(_Service):
             "--protected-mode", "yes",
             "--daemonize", "no",
         ]  # fmt: skip
+
+    def _ready(self, ports: dict[str, int]) -> bool:
+        # Redis listens before it has loaded its AOF, and answers every command with LOADING
+        # until it has: after a restart with data, an open port is not yet a usable server.
+        client = redis.Redis(
+            host=LOOPBACK,
+            port=ports["port"],
+            socket_connect_timeout=0.5,
+            socket_timeout=1,
+            retry=Retry(NoBackoff(), 0),  # redis-py retries 3 times by default
+        )
         try:
-            proc = self._spawn(cmd)
-        except OSError as exc:
-            raise ServiceStartError(f"cannot run {executable}: {exc}") from exc
-        deadline = time.monotonic() + self.startup_timeout
-        last_error = "no answer"
-        while True:
-            if _exited(proc):
-                self._abandon()
-                raise _AttemptFailed(f"redis-server exited ({last_error})")
-            client = redis.Redis(
-                host=LOOPBACK,
-                port=port,
-                socket_connect_timeout=0.5,
-                socket_timeout=1,
-                retry=Retry(NoBackoff(), 0),  # redis-py retries 3 times by default
-            )
-            try:
-                client.ping()
-                server_pid = int(client.info("server")["process_id"])
-            except redis.BusyLoadingError:
-                last_error = "loading the AOF"
-            except redis.RedisError as exc:  # not up yet, or somebody else's server
-                last_error = str(exc) or type(exc).__name__
-            else:
-                if server_pid == proc.pid:
-                    return
-                # Another redis answered on "our" port: ours failed to bind and will exit.
-                self._abandon()
-                raise _AttemptFailed(f"port {port} is served by another redis (pid {server_pid})")
-            finally:
-                client.close()
-            if time.monotonic() >= deadline:
-                self._abandon()
-                raise _AttemptFailed(
-                    f"no PING answer in {self.startup_timeout:.0f}s ({last_error})"
-                )
-            time.sleep(0.02)
+            return bool(client.ping())
+        except redis.RedisError:  # LOADING is a BusyLoadingError
+            return False
+        finally:
+            client.close()
 
 
 # --------------------------------------------------------------------------- SeaweedFS S3
@@ -565,7 +536,7 @@ def _master_has_volume_server(master_port: int) -> bool:
     return bool(nodes) and int(topology.get("Max") or 0) > 0
 
 
-class SeaweedS3(_Service):
+class SeaweedS3(_Server):
     """``weed mini`` (master+volume+filer+S3 in one process) on 127.0.0.1 with random S3 keys.
 
     Data lives in ``workdir/weed``, the identity config in ``workdir/s3.json``, the log in
@@ -573,6 +544,9 @@ class SeaweedS3(_Service):
     """
 
     name = "seaweedfs"
+    program = "weed mini"
+    log_name = "weed.log"
+    port_key = "s3.port"
 
     def __init__(
         self,
@@ -585,22 +559,14 @@ class SeaweedS3(_Service):
         executable: str | None = None,
         startup_timeout: float = 60.0,
     ) -> None:
-        super().__init__(workdir, "weed.log", startup_timeout)
+        super().__init__(workdir, startup_timeout, lambda: executable or find_weed())
         self.data_dir = self.workdir / "weed"
         self.config_path = self.workdir / "s3.json"
         self.glog_dir = self.workdir / "weed-glog"
         self.access_key_id = access_key_id or "FLEET" + secrets.token_hex(8).upper()
         self.secret_access_key = secret_access_key or secrets.token_urlsafe(30)
         self.region = region
-        self._executable = executable
         self._requested_port = port
-        self._ports: dict[str, int] | None = None  # flag -> port, kept across restarts
-
-    @property
-    def port(self) -> int:
-        if self._ports is None:
-            raise RuntimeError("SeaweedS3 has no port until start()")
-        return self._ports["s3.port"]
 
     @property
     def ports(self) -> dict[str, int]:
@@ -615,13 +581,10 @@ class SeaweedS3(_Service):
 
     def client(self, **config_overrides: Any) -> Any:
         """A boto3 S3 client for this server, with its credentials."""
-        return self._client_for(self.port, **config_overrides)
-
-    def _client_for(self, port: int, **config_overrides: Any) -> Any:
         config_overrides.setdefault("proxies", {})  # never send loopback traffic to a proxy
         return boto3.session.Session().client(
             "s3",
-            endpoint_url=f"http://{LOOPBACK}:{port}",
+            endpoint_url=self.endpoint_url,
             region_name=self.region,
             aws_access_key_id=self.access_key_id,
             aws_secret_access_key=self.secret_access_key,
@@ -638,66 +601,9 @@ class SeaweedS3(_Service):
             if code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
                 raise
 
-    def start(self) -> SeaweedS3:
-        with self._lock:
-            if self.is_running:
-                return self
-            executable = self._executable or find_weed()
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            self._write_config()
-            pinned = self._ports is not None
-            attempts = 1 if pinned else START_ATTEMPTS
-            errors: list[str] = []
-            for attempt in range(1, attempts + 1):
-                ports = self._ports if self._ports is not None else self._pick_ports()
-                began = time.monotonic()
-                try:
-                    self._start_once(executable, ports)
-                except _AttemptFailed as exc:
-                    self._clean_sockets(ports)
-                    errors.append(f"attempt {attempt} with ports {ports}: {exc}")
-                    log.warning("seaweedfs did not start: %s", exc)
-                    continue
-                self._ports = ports
-                self.ready_seconds = time.monotonic() - began
-                log.info(
-                    "seaweedfs S3 ready at %s in %.2fs (pid %d)",
-                    self.endpoint_url,
-                    self.ready_seconds,
-                    self.pid,
-                )
-                return self
-            raise ServiceStartError(
-                "weed mini did not start:\n  "
-                + "\n  ".join(errors)
-                + f"\nlast lines of {self.log_path}:\n{self._tail()}"
-            )
-
-    def stop(self) -> None:
-        super().stop()
-        self._clean_sockets()
-
-    def kill(self) -> None:
-        super().kill()
-        self._clean_sockets()
-
-    def _socket_paths(self, ports: dict[str, int]) -> list[Path]:
-        """The unix sockets weed makes: ``-X.localSocket`` ones (in the workdir when short enough,
-        else /tmp) and /tmp/seaweedfs-COMPONENT-grpc-PORT.sock, which no flag moves."""
-        paths = [self.workdir / "s3.sock", self.workdir / "filer.sock"]
-        tmp = Path("/tmp")
-        for component in WEED_COMPONENTS:
-            paths.append(tmp / f"seaweedfs-{component}-{ports[f'{component}.port']}.sock")
-            paths.append(tmp / f"seaweedfs-{component}-grpc-{ports[f'{component}.port.grpc']}.sock")
-        return paths
-
-    def _clean_sockets(self, ports: dict[str, int] | None = None) -> None:
-        ports = ports if ports is not None else self._ports
-        if ports is not None:
-            for path in self._socket_paths(ports):
-                _remove_stale_unix_socket(path)
-
     def _pick_ports(self) -> dict[str, int]:
+        # Readiness check (2), part one: weed moves off a busy gRPC port (HTTP port + 10000)
+        # instead of failing, so each HTTP port is only chosen with a free gRPC twin.
         ports: dict[str, int] = {}
         for component, port in zip(
             WEED_COMPONENTS, _free_port_pairs(len(WEED_COMPONENTS)), strict=True
@@ -710,19 +616,19 @@ class SeaweedS3(_Service):
             ports["s3.port.grpc"] = grpc if grpc <= 65535 else _free_ports(1)[0]
         return ports
 
-    def _write_config(self) -> None:
+    def _prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.glog_dir.mkdir(parents=True, exist_ok=True)
         identity = {
             "name": "fleet",
             "credentials": [{"accessKey": self.access_key_id, "secretKey": self.secret_access_key}],
             "actions": _S3_ACTIONS,
         }
-        self.workdir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump({"identities": [identity]}, fh, indent=2)
 
     def _command(self, executable: str, ports: dict[str, int]) -> list[str]:
-        self.glog_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
             executable,
             f"-logdir={self.glog_dir}",  # glog files, else they pile up in $TMPDIR
@@ -750,54 +656,17 @@ class SeaweedS3(_Service):
                 cmd.append(f"-{flag}={path}")
         return cmd
 
-    def _start_once(self, executable: str, ports: dict[str, int]) -> None:
-        self._clean_sockets(ports)  # left behind by a kill
-        try:
-            proc = self._spawn(self._command(executable, ports))
-        except OSError as exc:
-            raise ServiceStartError(f"cannot run {executable}: {exc}") from exc
-        client = self._client_for(
-            ports["s3.port"],
-            connect_timeout=1,
-            read_timeout=5,
-            retries={"max_attempts": 1},
-        )
-        deadline = time.monotonic() + self.startup_timeout
-        last_error = "no answer"
-        while True:
-            if _exited(proc):
-                self._abandon()
-                raise _AttemptFailed(f"weed exited ({self._port_trouble() or last_error})")
-            trouble = self._port_trouble()
-            if trouble:
-                self._abandon()
-                raise _AttemptFailed(trouble)
-            try:
-                client.list_buckets()
-            except (BotoCoreError, ClientError) as exc:
-                last_error = f"S3: {exc}"
-            else:
-                # S3 and the filer can answer before the volume server has registered with the
-                # master; reads of existing objects then fail ("volume N not found") for ~5 s.
-                last_error = "the master knows no volume server yet"
-                if _master_has_volume_server(ports["master.port"]):
-                    break
-            if time.monotonic() >= deadline:
-                self._abandon()
-                raise _AttemptFailed(f"not ready in {self.startup_timeout:.0f}s: {last_error}")
-            time.sleep(0.05)
-        # The S3 API answered with our credentials. Make sure it is *our* weed that answered
-        # and that it kept every port it was given.
-        trouble = self._port_trouble()
-        if trouble:
-            self._abandon()
-            raise _AttemptFailed(trouble)
-        listens = process_listens_on(proc.pid, ports["s3.port"])
-        if listens is False or _exited(proc):
-            self._abandon()
-            raise _AttemptFailed(f"port {ports['s3.port']} is answered by another process")
+    def _ready(self, ports: dict[str, int]) -> bool:
+        # Readiness check (1): the S3 port may accept connections (mirakuru's TCP check) before
+        # a volume server has registered with the master: weed mini starts its parts side by
+        # side and nothing orders the two. A PUT then fails, and reads of existing objects fail
+        # ("volume N not found") for ~5 s. So wait until the master reports a volume server.
+        return _master_has_volume_server(ports["master.port"])
 
-    def _port_trouble(self) -> str | None:
+    def _problem(self) -> str | None:
+        # Readiness check (2), part two: a busy HTTP port makes weed exit, a busy gRPC port
+        # (taken after _pick_ports looked) makes it quietly use another one. Both show in its
+        # log: this start is given up, and start() tries again with new ports.
         try:
             with self.log_path.open("rb") as fh:
                 fh.seek(self._log_offset)
@@ -808,6 +677,16 @@ class SeaweedS3(_Service):
             if _WEED_PORT_TROUBLE.search(line):
                 return line.strip()
         return None
+
+    def _leftovers(self, ports: dict[str, int]) -> list[Path]:
+        # weed leaves unix sockets behind even on a clean stop, some in /tmp (named by port;
+        # no flag moves them): without this, every start would add a few there for good.
+        paths = [self.workdir / "s3.sock", self.workdir / "filer.sock"]
+        for component in WEED_COMPONENTS:
+            paths.append(Path(f"/tmp/seaweedfs-{component}-{ports[f'{component}.port']}.sock"))
+            grpc = ports[f"{component}.port.grpc"]
+            paths.append(Path(f"/tmp/seaweedfs-{component}-grpc-{grpc}.sock"))
+        return paths
 
 
 # --------------------------------------------------------------------------- both together
@@ -919,6 +798,9 @@ def local_services(
 
 # --------------------------------------------------------------------------- CLI
 
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_Handler = Callable[[int, FrameType | None], Any]
+
 
 class _Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived while the services were starting."""
@@ -928,110 +810,82 @@ class _Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise _Interrupted(signum)
-
-
 @contextmanager
-def _signal_handlers(handler: Callable[[int, FrameType | None], Any]) -> Iterator[None]:
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = [signal.signal(sig, handler) for sig in signals]
+def _signal_handlers(handler: _Handler) -> Iterator[None]:
+    previous = [signal.signal(sig, handler) for sig in _SIGNALS]
     try:
         yield
     finally:
-        for sig, old in zip(signals, previous, strict=True):
+        for sig, old in zip(_SIGNALS, previous, strict=True):
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
 @contextmanager
-def _terminal_given_to(pgid: int) -> Iterator[None]:
-    """Make process group ``pgid`` the terminal's foreground group (so an interactive command
-    can read it and gets Ctrl-C directly), then take the terminal back."""
-    fd = sys.stdin.fileno() if sys.stdin is not None else -1
-    try:
-        ours = fd >= 0 and os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp()
-    except (OSError, ValueError):
-        ours = False
-    if not ours:
-        yield
-        return
-    old_ttou = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-    try:
-        with contextlib.suppress(OSError):
-            os.tcsetpgrp(fd, pgid)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.tcsetpgrp(fd, os.getpgrp())
-        signal.signal(signal.SIGTTOU, old_ttou)
+def _started(workdir: Path | None, bucket: str, handler: _Handler) -> Iterator[LocalServices]:
+    """The services, started. SIGINT and SIGTERM abort the start, then go to ``handler``, and
+    are ignored while the services stop: no signal ends this process with servers running."""
 
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if state == "starting":
+            raise _Interrupted(signum)
+        if state == "running":
+            handler(signum, frame)
+        else:
+            log.info("signal %d ignored while the local services stop", signum)
 
-def _spawn_command(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Run the command in a process group of its own, so signals can be sent to all of it."""
-    if sys.version_info >= (3, 11):
-        proc = subprocess.Popen(command, env=env, process_group=0)
-    else:  # pragma: no cover
-        proc = subprocess.Popen(command, env=env, preexec_fn=os.setpgrp)
-    with contextlib.suppress(OSError):
-        os.setpgid(proc.pid, proc.pid)  # already done in the child; closes the race
-    return proc
-
-
-def _ignore_signal(signum: int, frame: FrameType | None) -> None:
-    log.info("signal %d ignored while the local services stop", signum)
-
-
-def _start_or_report(services: LocalServices) -> LocalEndpoints | int:
-    """Start the services, or log why not and return an exit code (1, or 128 + the signal
-    number when Ctrl-C or SIGTERM aborted the start)."""
-    with _signal_handlers(_raise_interrupted):
+    state = "starting"
+    services = LocalServices(workdir, bucket)
+    with _signal_handlers(on_signal):
         try:
-            return services.start()
-        except _Interrupted as exc:
-            log.error("interrupted while the local services were starting")
-            return 128 + exc.signum
-        except Exception as exc:
-            log.error("the local services did not start: %s", exc)
-            return 1
+            services.start()
+            state = "running"
+            yield services
+        finally:
+            state = "stopping"
+            services.stop()
 
 
 def _cmd_run(workdir: Path | None, bucket: str, command: list[str]) -> int:
-    child: subprocess.Popen[bytes] | None = None
+    # CMD runs under mirakuru too, so in a session (and process group) of its own: the
+    # terminal's Ctrl-C reaches this process only, which sends it on to all of CMD's group,
+    # once. (CMD can still read and write the terminal; it is just not its job-control owner.)
+    cmd: mirakuru.SimpleExecutor | None = None
 
     def forward(signum: int, frame: FrameType | None) -> None:
-        if child is not None and child.returncode is None:
-            _signal_group(child.pid, signum)
+        process = cmd.process if cmd is not None else None
+        if process is not None and process.returncode is None:  # not reaped: its group is ours
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signum)
 
-    services = LocalServices(workdir, bucket)
     try:
-        endpoints = _start_or_report(services)
-        if isinstance(endpoints, int):
-            return endpoints
-        with _signal_handlers(forward):
+        with _started(workdir, bucket, forward) as services:
+            cmd = mirakuru.SimpleExecutor(
+                command, envvars=services.endpoints.env(), stdin=None, stdout=None, stderr=None
+            )
             try:
-                child = _spawn_command(command, {**os.environ, **endpoints.env()})
+                cmd.start()
             except OSError as exc:
                 log.error("cannot run %s: %s", shlex.join(command), exc)
                 return 127
-            with _terminal_given_to(child.pid):
-                returncode = child.wait()
-        return 128 - returncode if returncode < 0 else returncode
-    except _Interrupted as exc:  # a signal in the instant between start and forwarding
+            assert cmd.process is not None
+            returncode = cmd.process.wait()
+            # Whatever CMD left running would lose its services: SIGKILL it (mirakuru finds it
+            # by the environment variable it marks what it starts with).
+            cmd.kill()
+            return 128 - returncode if returncode < 0 else returncode
+    except _Interrupted as exc:
+        log.error("interrupted while the local services were starting")
         return 128 + exc.signum
-    finally:
-        with _signal_handlers(forward if child is not None else _ignore_signal):
-            services.stop()
+    except Exception as exc:
+        log.error("the local services did not start: %s", exc)
+        return 1
 
 
 def _cmd_env(workdir: Path | None, bucket: str) -> int:
     stop = threading.Event()
-    services = LocalServices(workdir, bucket)
     try:
-        endpoints = _start_or_report(services)
-        if isinstance(endpoints, int):
-            return endpoints
-        with _signal_handlers(lambda signum, frame: stop.set()):
-            for key, value in endpoints.env().items():
+        with _started(workdir, bucket, lambda signum, frame: stop.set()) as services:
+            for key, value in services.endpoints.env().items():
                 print(f"export {key}={shlex.quote(value)}")
             sys.stdout.flush()
             print("# local services are up; Ctrl-C (or SIGTERM) stops them", file=sys.stderr)
@@ -1042,12 +896,13 @@ def _cmd_env(workdir: Path | None, bucket: str) -> int:
                             "%s died; last lines of its log:\n%s", server.name, server._tail()
                         )
                         return 1
-        return 0
+            return 0
     except _Interrupted as exc:
+        log.error("interrupted while the local services were starting")
         return 128 + exc.signum
-    finally:
-        with _signal_handlers(_ignore_signal):
-            services.stop()
+    except Exception as exc:
+        log.error("the local services did not start: %s", exc)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

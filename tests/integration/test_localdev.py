@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pty
+import select
 import signal
 import socket
 import subprocess
@@ -12,11 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+import psutil
 import pytest
 import redis
 from botocore.exceptions import ClientError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from fleet import localdev as ls
+from tests.fleet_fixtures import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -43,6 +49,14 @@ def _dead(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself (not somebody else) listens on TCP ``port``."""
+    return any(
+        c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+    )
 
 
 @pytest.fixture
@@ -137,8 +151,8 @@ def test_processes_dead_and_tempdir_removed_after_stop(monkeypatch: pytest.Monke
         assert workdir.is_dir()
         assert all(pid is not None for pid in pids)
         assert services.alive()
-        if sys.platform.startswith("linux"):
-            assert ls.process_listens_on(services.s3.pid or 0, services.s3.port) is True
+        assert _listens(services.redis.pid or 0, services.redis.port)
+        assert _listens(services.s3.pid or 0, services.s3.port)
     assert not services.alive()
     for pid in pids:
         assert pid is not None and _dead(pid)
@@ -173,15 +187,78 @@ def test_redis_restart_keeps_data(tmp_path: Path) -> None:
     assert (tmp_path / "redis" / "appendonly.aof").exists()
 
 
-def test_seaweed_restart_keeps_objects(tmp_path: Path) -> None:
+def test_redis_answers_at_once_after_a_restart_with_much_data(tmp_path: Path) -> None:
+    """Redis listens before it has loaded its AOF (and answers LOADING until then): start()
+    returns only once it answers, so the first command after it works without retries."""
+    with ls.RedisServer(tmp_path) as server:
+        client = server.client()
+        client.execute_command("DEBUG", "POPULATE", 500_000, "job", 64)
+        client.bgrewriteaof()  # into the AOF (DEBUG POPULATE itself is not written there)
+        wait_until(
+            lambda: (
+                client.info("persistence")["aof_rewrite_in_progress"] == 0
+                and client.info("persistence")["aof_rewrite_scheduled"] == 0
+            ),
+            60,
+            "the AOF rewrite",
+        )
+        client.close()
+        server.restart()
+        first = server.client(retry=Retry(NoBackoff(), 0))  # redis-py would retry LOADING
+        assert first.dbsize() == 500_000
+        first.close()
+
+
+def test_seaweed_is_ready_for_a_put_at_once_and_restarts_keep_objects(tmp_path: Path) -> None:
+    """Right after start() returns (first start, restart, start after a crash) a PUT and a
+    GET of older objects work at the first try: the client here never retries."""
     with ls.SeaweedS3(tmp_path) as s3:
         ports = s3.ports
-        client = s3.client()
+        client = s3.client(retries={"max_attempts": 1})
         client.create_bucket(Bucket="keep")
         client.put_object(Bucket="keep", Key="k", Body=b"v")
         s3.restart()
         assert s3.ports == ports
         assert client.get_object(Bucket="keep", Key="k")["Body"].read() == b"v"
+        client.put_object(Bucket="keep", Key="after-restart", Body=b"r")
+
+        first_pid = s3.pid
+        s3.kill()  # a crash: SIGKILL, the way test_reliability takes storage away
+        assert first_pid is not None and _dead(first_pid) and not _accepts(s3.port)
+        s3.start()
+        assert s3.ports == ports
+        client.put_object(Bucket="keep", Key="after-kill", Body=b"c")
+        assert client.get_object(Bucket="keep", Key="after-restart")["Body"].read() == b"r"
+
+
+def test_servers_a_program_forgets_to_stop_are_stopped_when_it_exits(tmp_path: Path) -> None:
+    """Stopped, not killed: gracefully, by the module's atexit hook (Redis writes its AOF and
+    says goodbye in its log), before mirakuru's own hook would SIGKILL them."""
+    workdir = tmp_path / "svc"
+    script = (
+        "import logging, sys;"
+        "from fleet.localdev import LocalServices;"
+        "logging.basicConfig(level=logging.INFO);"
+        "s = LocalServices(sys.argv[1]);"
+        "s.start();"
+        "print(s.redis.port, s.s3.port, flush=True)"
+    )
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(workdir)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": pythonpath},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    ports = [int(p) for p in done.stdout.split()]
+    assert len(ports) == 2
+    assert not any(_accepts(port) for port in ports)
+    assert _processes_mentioning(str(workdir)) == []
+    assert "seaweedfs stopped" in done.stderr and "redis stopped" in done.stderr
+    assert "ready to exit" in (workdir / "redis.log").read_text()
 
 
 def _first_pick_uses(monkeypatch: pytest.MonkeyPatch, name: str, busy: int, index: int) -> None:
@@ -249,13 +326,18 @@ def test_seaweed_moves_off_a_busy_port(
         assert calls["n"] >= 2  # the first try failed and a second one was made
         assert busy not in s3.ports.values()
         log_text = (tmp_path / "weed.log").read_text()
-        assert "not available" in log_text or "Port allocation failed" in log_text
+        if (component, kind) == ("s3", "http"):
+            # Found busy before weed was run (nothing may answer there yet): two starts in the
+            # log, weed's own output under the second only.
+            assert log_text.count("\n=== ") == 2
+            assert log_text.count("Starting SeaweedFS") == 1
+        else:  # weed was run, and said so in its log
+            assert "not available" in log_text or "Port allocation failed" in log_text
         client = s3.client()
         client.create_bucket(Bucket="probe")
         client.put_object(Bucket="probe", Key="k", Body=b"v")
         assert client.get_object(Bucket="probe", Key="k")["Body"].read() == b"v"
-        if sys.platform.startswith("linux"):
-            assert ls.process_listens_on(s3.pid or 0, s3.port) is True
+        assert _listens(s3.pid or 0, s3.port)
 
 
 def test_pinned_busy_port_is_a_clear_error(
@@ -373,4 +455,68 @@ def test_cli_sigterm_while_starting_leaves_nothing_behind(tmp_path: Path) -> Non
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
     assert proc.returncode == 143
+    assert _processes_mentioning(str(workdir)) == []
+
+
+def test_cli_run_ctrl_c_in_a_terminal_stops_cmd_and_the_services(tmp_path: Path) -> None:
+    """Ctrl-C typed in the terminal `run` was started from reaches CMD, which exits; then the
+    services stop and nothing is left running."""
+    workdir = tmp_path / "svc"
+    script = (
+        "import os, signal, sys, time;"
+        "signal.signal(signal.SIGINT, lambda *a: sys.exit(42));"
+        "print('ready', os.environ['FLEET_REDIS_URL'], flush=True);"
+        "time.sleep(60)"
+    )
+    primary, secondary = pty.openpty()
+
+    def take_the_terminal() -> None:  # in the child, after setsid: the pty becomes its terminal
+        import fcntl
+        import termios
+
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleet.localdev", "run", "--workdir", str(workdir), "--",
+         sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": pythonpath},
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        start_new_session=True,
+        preexec_fn=take_the_terminal,
+    )  # fmt: skip
+    os.close(secondary)
+    output = b""
+
+    def read_until(done: bytes | None, seconds: float) -> None:
+        """Read the terminal until ``done`` was written to it (None: until everybody closed it)."""
+        nonlocal output
+        deadline = time.monotonic() + seconds
+        while (done is None or done not in output) and time.monotonic() < deadline:
+            if select.select([primary], [], [], 0.2)[0]:
+                try:
+                    chunk = os.read(primary, 65536)
+                except OSError:  # EIO: every end of the terminal's other side is closed
+                    return
+                if not chunk:
+                    return
+                output += chunk
+
+    try:
+        read_until(b"ready redis://", 120)
+        assert b"ready redis://" in output, output.decode(errors="replace")
+        line = output[output.index(b"ready redis://") :].split(b"\n", 1)[0].decode()
+        redis_port = _port_of(line.split()[1])
+        assert _accepts(redis_port)
+        os.write(primary, b"\x03")  # the terminal's intr character: Ctrl-C
+        read_until(None, 60)
+        assert proc.wait(timeout=10) == 42, output.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(primary)
+    assert not _accepts(redis_port)
     assert _processes_mentioning(str(workdir)) == []
