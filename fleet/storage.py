@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -18,6 +20,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+#: A conditional write whose condition failed: someone else wrote first.
+_CONFLICT_CODES = {"412", "PreconditionFailed", "409", "ConditionalRequestConflict"}
 
 
 def make_s3_client(settings: FleetSettings) -> Any:
@@ -57,6 +61,7 @@ class ObjectStore:
         self.bucket = settings.s3_bucket
         self.presign_expiry_s = settings.presign_expiry_s
         self.client = client or make_s3_client(settings)
+        self._conditional: bool | None = None
         if settings.s3_create_bucket and create_bucket:
             self.ensure_bucket()
 
@@ -101,6 +106,62 @@ class ObjectStore:
     def get_json(self, key: str) -> Any | None:
         data = self.get_bytes(key)
         return None if data is None else json.loads(data)
+
+    def get_json_tagged(self, key: str) -> tuple[Any | None, str | None]:
+        """The object as JSON and its ETag, or (None, None) when it does not exist."""
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=key)
+            return json.loads(resp["Body"].read()), str(resp.get("ETag") or "") or None
+        except ClientError as exc:
+            if _code(exc) in _MISSING_CODES:
+                return None, None
+            raise StorageError(f"download of s3://{self.bucket}/{key} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"download of s3://{self.bucket}/{key} failed: {exc}") from exc
+
+    def put_json_if(self, key: str, obj: Any, etag: str | None) -> bool:
+        """Write ``obj`` only if the object is still as we read it: absent (``etag`` None:
+        ``If-None-Match: *``) or unchanged (``If-Match: etag``). False when another writer got
+        there first (412 Precondition Failed). Stores that ignore the condition (see
+        ``honours_conditional_writes``) write unconditionally."""
+        body = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+        condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=body, ContentType="application/json",
+                **condition,
+            )  # fmt: skip
+            return True
+        except ClientError as exc:
+            if _code(exc) in _CONFLICT_CODES:
+                return False
+            raise StorageError(f"upload of s3://{self.bucket}/{key} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"upload of s3://{self.bucket}/{key} failed: {exc}") from exc
+
+    def honours_conditional_writes(self, probe_prefix: str = "") -> bool:
+        """Probe whether the store refuses a conditional write whose condition fails (S3 since
+        2024, SeaweedFS since 3.97, MinIO, R2). Without it, failure records fall back to read
+        then write, which a concurrent success can race (documented in docs/reliability.md)."""
+        key = f"{probe_prefix}fleet-probes/conditional-{uuid.uuid4().hex}.json"
+        try:
+            self.put_json(key, {"probe": 1})
+            refused = not self.put_json_if(key, {"probe": 2}, etag=None)
+            return refused
+        except StorageError as exc:
+            log.warning("conditional-write probe failed (%s); using read-then-write", exc)
+            return False
+        finally:
+            with contextlib.suppress(StorageError):
+                self.delete(key)
+
+    @property
+    def conditional_writes(self) -> bool:
+        """Whether this store honours conditional writes (probed once, on first use)."""
+        if self._conditional is None:
+            self._conditional = self.honours_conditional_writes()
+            log.info("storage honours conditional writes: %s", self._conditional)
+        return self._conditional
 
     def exists(self, key: str) -> bool:
         try:

@@ -7,9 +7,11 @@ import threading
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import TimeLimitExceeded
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
+    task_failure,
     task_revoked,
     worker_process_init,
     worker_ready,
@@ -17,7 +19,7 @@ from celery.signals import (
 )
 
 from fleet.celeryconf import celery_config, make_celery
-from fleet.contract import WEBHOOK_QUEUE
+from fleet.contract import TASK_GENERATE, WEBHOOK_QUEUE
 from fleet.errors import JobExpired
 from fleet.settings import WorkerSettings
 from worker.ops.heartbeat import Heartbeat
@@ -160,3 +162,27 @@ def _record_expired(request: Any = None, expired: bool = False, **_: Any) -> Non
         record_raw_failure(store, get_redis(), get_settings().s3_prefix, job, error)
     except Exception:
         log.exception("could not record the expiry of job %s", job.get("job_id"))
+
+
+@task_failure.connect
+def _record_hard_time_limit(
+    sender: Any = None, task_id: str | None = None, exception: BaseException | None = None,
+    args: Any = None, kwargs: Any = None, **_: Any,
+) -> None:  # fmt: skip
+    """A job killed at its hard time limit gets a failure record and its webhook. Celery sends
+    this in the main process, on the consumer's thread: the S3 write goes to a thread."""
+    if not isinstance(exception, TimeLimitExceeded) or sender is None or task_id is None:
+        return
+    if sender.name != TASK_GENERATE:
+        return
+    from worker.policies import JobPolicies
+    from worker.runtime import get_redis, get_settings, get_store
+
+    policies = JobPolicies(get_settings(), get_redis, get_store)
+    limit = exception.args[0] if exception.args else "?"
+    threading.Thread(
+        target=policies.after_hard_time_limit,
+        args=(sender, task_id, args, kwargs, limit),
+        name="fleet-hard-limit-record",
+        daemon=True,
+    ).start()

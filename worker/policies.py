@@ -207,6 +207,13 @@ def timed_out(elapsed_s: float) -> JobTimedOut:
     )
 
 
+def killed_at_hard_limit(limit_s: Any) -> JobTimedOut:
+    return JobTimedOut(
+        f"killed at its hard time limit ({limit_s} s): its pool child was replaced (the soft "
+        "limit did not stop it; FLEET_JOB_TIME_BASE_S and FLEET_JOB_TIME_PER_MPX_STEP_S set both)"
+    )
+
+
 # -- cancellation ---------------------------------------------------------------------------
 
 
@@ -355,6 +362,19 @@ class JobPolicies:
             task_id, time.time() - since, retries + 1, decision, error,
         )  # fmt: skip
         raise task.retry(exc=error, countdown=decision)
+
+    def after_hard_time_limit(self, task: Task, task_id: str, args: Any, kwargs: Any,
+                              limit_s: Any) -> None:  # fmt: skip
+        """In the worker's main process, after it killed a job at its hard time limit (Celery
+        >= 5.6 sends task_failure there): record the failure and tell the webhook."""
+        try:
+            job = with_identity(job_of_message(tuple(args or ()), dict(kwargs or {})), task_id)
+        except JobValidationError:
+            job = {"job_id": task_id}
+        error = killed_at_hard_limit(limit_s)
+        log.error("[job=%s] %s", task_id, error)
+        self.record(job, error)
+        self.report_failure(task, job, error)
 
     def record(self, job: Any, error: Exception) -> None:
         """A durable record of a failure the runner did not record itself."""

@@ -47,7 +47,9 @@ def raw_failure_manifest(
 
 
 def write_failure(store: ObjectStore, prefix: str, manifest: dict[str, Any]) -> bool:
-    """Store a failure manifest and its index entry. False (logged) when storage is down."""
+    """Store a failure manifest and its index entry, never over a succeeded manifest: written
+    with a condition on what was read (If-None-Match / If-Match), so a success that lands in
+    between is not replaced. False (logged) when storage is down."""
     job_id = manifest["job_id"]
     if not isinstance(job_id, str) or not contract.JOB_ID_PATTERN.match(job_id):
         log.error("failure of a job without a usable id not recorded: %s", manifest.get("error"))
@@ -59,8 +61,20 @@ def write_failure(store: ObjectStore, prefix: str, manifest: dict[str, Any]) -> 
         "failed_at": manifest.get("finished_at"),
         "manifest_key": contract.manifest_key(job_id, prefix),
     }
+    key = contract.manifest_key(job_id, prefix)
     try:
-        store.put_json(contract.manifest_key(job_id, prefix), manifest)
+        for _ in range(3):
+            current, etag = store.get_json_tagged(key)
+            if isinstance(current, dict) and current.get("status") == "succeeded":
+                # Success beats failure: a job stored once stays stored.
+                log.warning("job %s already succeeded; not replaced by a failure: %s",
+                            job_id, manifest.get("error"))  # fmt: skip
+                return True
+            if not store.conditional_writes:
+                store.put_json(key, manifest)  # read, then write: a concurrent success can race
+                break
+            if store.put_json_if(key, manifest, etag):
+                break  # nobody wrote in between; else read again
         store.put_json(contract.failure_key(job_id, prefix), entry)
         return True
     except StorageError as exc:

@@ -144,3 +144,68 @@ def test_a_job_that_finishes_while_redis_is_down_reads_as_succeeded(
     finally:
         w.stop()
         services.stop()
+
+
+def test_success_beats_failure_a_failure_record_never_lands_over_a_success(store) -> None:
+    from worker.records import raw_failure_manifest, write_failure
+
+    assert store.conditional_writes is True  # SeaweedFS >= 3.97 honours If-None-Match / If-Match
+    job_id = f"race-{uuid.uuid4().hex[:8]}"
+    key = contract.manifest_key(job_id)
+    success = {"job_id": job_id, "status": "succeeded", "result": {}}
+
+    def failure(reason: str) -> dict:  # type: ignore[type-arg]
+        return raw_failure_manifest(job_id, {"job_id": job_id}, reason, "GenerationError",
+                                    store.bucket, "")  # fmt: skip
+
+    # A success that lands between the failure writer's read and its write is kept.
+    read = store.get_json_tagged
+    raced = []
+
+    def read_then_success_lands(k: str):  # type: ignore[no-untyped-def]
+        got = read(k)
+        if not raced:
+            raced.append(k)
+            store.put_json(k, success)
+        return got
+
+    store.get_json_tagged = read_then_success_lands
+    try:
+        assert write_failure(store, "", failure("late failure"))
+    finally:
+        del store.get_json_tagged
+    assert raced == [key]
+    assert store.get_json(key)["status"] == "succeeded"
+    assert store.get_json(contract.failure_key(job_id)) is None
+
+    # A failure replaces an earlier failure (If-Match on its ETag), and is indexed.
+    other = f"twice-{uuid.uuid4().hex[:8]}"
+    for reason in ("first", "second"):
+        m = raw_failure_manifest(other, {"job_id": other}, reason, "GenerationError",
+                                 store.bucket, "")  # fmt: skip
+        assert write_failure(store, "", m)
+    assert store.get_json(contract.manifest_key(other))["error"] == "second"
+    assert store.get_json(contract.failure_key(other))["error"] == "second"
+
+
+def test_every_end_is_recorded_a_job_killed_at_its_hard_time_limit(
+    start_worker, qclient: Client, queue: str, store
+) -> None:
+    w = start_worker("hardlimit", queues=queue)
+    warm = qclient.submit(JobSpec(prompt="warm", width=64, height=64, steps=2))
+    assert warm.wait(timeout=90).state == "succeeded"
+    job = {"prompt": "stuck", "width": 128, "height": 128, "steps": 150}
+    res = qclient.celery.send_task(contract.TASK_GENERATE, kwargs={"job": job}, queue=queue,
+                                   time_limit=2)  # a foreign sender's own hard limit  # fmt: skip
+    manifest = contract.manifest_key(res.id)
+    wait_until(lambda: (store.get_json(manifest) or {}).get("status") == "failed", 60,
+               "a failure manifest for the killed job")  # fmt: skip
+    record = store.get_json(manifest)
+    assert record["error_type"] == "JobTimedOut" and "hard time limit (2" in record["error"]
+    failed = {e["job_id"]: e for e in qclient.failed()}
+    assert failed[res.id]["error_type"] == "JobTimedOut"
+    assert qclient.status(res.id).state == "failed"
+    # The worker replaced its pool child and goes on.
+    after = qclient.submit(JobSpec(prompt="after", width=64, height=64, steps=2))
+    assert after.wait(timeout=90).state == "succeeded"
+    assert w.proc.poll() is None
