@@ -82,8 +82,10 @@ WORKER_INFO_KEY = "fleet:worker-info:{node}"
 #: Redis key that reserves a job id (value: its queue), so the same id submitted twice makes
 #: one job.
 CLAIM_KEY = "fleet:job:{job_id}"
-#: Redis list of failures the workers could not write to S3 while it was down (JSON entries).
+#: Redis list of failures the workers could not write to S3 while it was down (JSON entries,
+#: newest first). Written to S3 once storage is back; keeps the newest UNSTORED_FAILURES_MAX.
 UNSTORED_FAILURES_KEY = "fleet:failures:unstored"
+UNSTORED_FAILURES_MAX = 10_000
 #: Redis counter of the deliveries of one attempt of a task (a retry is a new attempt).
 DELIVERIES_KEY = "fleet:deliveries:{task_id}:{retries}"
 #: Redis key holding when storage first failed for a task (its retry window starts then).

@@ -45,7 +45,8 @@ from fleet.settings import WorkerSettings
 from fleet.storage import ObjectStore
 from worker import webhooks
 from worker.ops import metrics
-from worker.records import record_raw_failure
+from worker.records import flush_unstored, record_raw_failure
+from worker.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +323,7 @@ class JobPolicies:
         self, task: Task, job: Any, result: dict[str, Any], describe: Callable[[], Any]
     ) -> None:
         webhooks.notify(task.app, job, result)
+        self.flush_unstored()
         if metrics.get_metrics() is not None:
             metrics.record_done(job, result, describe(), str(self.settings.served_model))
 
@@ -355,6 +357,8 @@ class JobPolicies:
         if isinstance(decision, StorageUnavailable):
             client.delete(contract.OUTAGE_KEY.format(task_id=task_id))
             self.record(job, decision)  # best effort: storage may still be down
+            if isinstance(job, dict) and isinstance(job.get("job_id"), str):
+                Spool(self.settings).discard(job["job_id"])
             self.report_failure(task, job, decision)
             return decision
         log.warning(
@@ -375,6 +379,16 @@ class JobPolicies:
         log.error("[job=%s] %s", task_id, error)
         self.record(job, error)
         self.report_failure(task, job, error)
+
+    def flush_unstored(self) -> None:
+        """Storage just took a job: write the failures kept in Redis meanwhile to S3."""
+        try:
+            client = self.get_redis()
+            if client.llen(contract.UNSTORED_FAILURES_KEY):
+                n = flush_unstored(self.get_store(), client, self.settings.s3_prefix)
+                log.info("wrote %d failure record(s) kept in Redis while storage was down", n)
+        except Exception as exc:  # never fail a stored job over it
+            log.warning("could not write the failures kept in Redis to storage: %s", exc)
 
     def record(self, job: Any, error: Exception) -> None:
         """A durable record of a failure the runner did not record itself."""

@@ -103,4 +103,32 @@ def record_raw_failure(
     if not write_failure(store, prefix, manifest):
         entry = {k: manifest[k] for k in ("job_id", "error", "error_type")}
         entry["failed_at"] = manifest["finished_at"]
-        redis_client.lpush(contract.UNSTORED_FAILURES_KEY, json.dumps(entry))
+        with redis_client.pipeline(transaction=False) as pipe:
+            pipe.lpush(contract.UNSTORED_FAILURES_KEY, json.dumps(entry))
+            pipe.ltrim(contract.UNSTORED_FAILURES_KEY, 0, contract.UNSTORED_FAILURES_MAX - 1)
+            pipe.execute()
+
+
+def flush_unstored(store: ObjectStore, redis_client: redis.Redis, prefix: str) -> int:
+    """Write the failures kept in Redis while storage was down to S3, oldest first, and take
+    each off the list once written. Stops at the first storage error. Returns how many."""
+    written = 0
+    while True:
+        raw = redis_client.lindex(contract.UNSTORED_FAILURES_KEY, -1)
+        if raw is None:
+            return written
+        try:
+            entry = json.loads(raw)
+            job_id = entry["job_id"]
+        except (ValueError, KeyError, TypeError):
+            redis_client.lrem(contract.UNSTORED_FAILURES_KEY, -1, raw)
+            continue
+        error, error_type = str(entry.get("error")), str(entry.get("error_type"))
+        manifest = raw_failure_manifest(
+            job_id, {"job_id": job_id}, error, error_type, store.bucket, prefix
+        )
+        manifest["finished_at"] = entry.get("failed_at") or manifest["finished_at"]
+        if not write_failure(store, prefix, manifest):
+            return written
+        redis_client.lrem(contract.UNSTORED_FAILURES_KEY, -1, raw)
+        written += 1

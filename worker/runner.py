@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, MutableMapping
-from pathlib import Path
 from typing import Any
 
 from fleet import contract
@@ -26,6 +23,7 @@ from worker.engine.engine import Engine, Generated, StepCallback
 from worker.engine.recipe import build_manifest, image_recipe, png_bytes
 from worker.policies import oom_fallback
 from worker.records import clear_failure, raw_failure_manifest, write_failure
+from worker.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +55,7 @@ class JobRunner:
         self.store = store
         #: With a batcher (batch workers), jobs from many task threads share pipeline calls.
         self.batcher = batcher
-        self.spool_root = Path(settings.spool_dir or Path(tempfile.gettempdir()) / "fleet-spool")
+        self.spool = Spool(settings)
 
     def run(
         self,
@@ -119,7 +117,7 @@ class JobRunner:
             except StorageError:
                 # Retried by the task with backoff; the spool keeps the images meanwhile, so
                 # they are not generated again (written only now: the usual path skips disk).
-                self._write_spool(self._spool(spec), spec, pngs)
+                self.spool.write(spec, pngs)
                 raise
         except JobCancelled as exc:
             self.engine.release_memory()
@@ -134,7 +132,7 @@ class JobRunner:
             self.record_failure(spec, exc, jlog)
             raise
 
-        shutil.rmtree(self._spool(spec), ignore_errors=True)
+        self.spool.discard(spec.job_id)
         return result
 
     # -- steps -----------------------------------------------------------------------------------
@@ -172,8 +170,7 @@ class JobRunner:
         on_progress: ProgressCallback | None,
         is_cancelled: Callable[[], bool] | None = None,
     ) -> tuple[list[bytes], dict[str, Any], dict[str, float]]:
-        spool = self._spool(spec)
-        cached = self._read_spool(spool, spec)
+        cached = self.spool.read(spec)
         self.engine.setup()
         worker_info = self.engine.describe()
         if cached is not None:
@@ -335,7 +332,7 @@ class JobRunner:
                                 manifest)  # fmt: skip
         except StorageError as exc:
             jlog.error("cancelled, but the record could not be stored: %s", exc)
-        shutil.rmtree(self._spool(spec), ignore_errors=True)
+        self.spool.discard(spec.job_id)
         jlog.info("%s", reason)
         return result.model_dump(mode="json")
 
@@ -384,26 +381,6 @@ class JobRunner:
                 )
 
         return report
-
-    # -- spool: generated PNGs wait on local disk until they are stored ------------------------
-
-    def _spool(self, spec: JobSpec) -> Path:
-        return self.spool_root / spec.job_id
-
-    def _read_spool(self, spool: Path, spec: JobSpec) -> list[bytes] | None:
-        marker = spool / "job.json"
-        if not marker.exists() or marker.read_text() != spec.model_dump_json():
-            return None
-        files = [spool / f"image-{i:03d}.png" for i in range(spec.images)]
-        if not all(f.exists() for f in files):
-            return None
-        return [f.read_bytes() for f in files]
-
-    def _write_spool(self, spool: Path, spec: JobSpec, pngs: list[bytes]) -> None:
-        spool.mkdir(parents=True, exist_ok=True)
-        for i, data in enumerate(pngs):
-            (spool / f"image-{i:03d}.png").write_bytes(data)
-        (spool / "job.json").write_text(spec.model_dump_json())
 
 
 def _worker_summary(info: dict[str, Any]) -> dict[str, Any]:

@@ -307,8 +307,9 @@ def test_storage_down_past_the_retry_window_fails_with_a_recorded_reason(
         w.start()
         with Client(ProducerSettings(_env_file=None, **settings_kwargs(env))) as c:
             services.s3.kill()
-            handle = c.celery.send_task(contract.TASK_GENERATE,
-                                        kwargs={"job": job(steps=2).model_dump(mode="json")},
+            spec = job(steps=2)
+            handle = c.celery.send_task(contract.TASK_GENERATE, task_id=spec.job_id,
+                                        kwargs={"job": spec.model_dump(mode="json")},
                                         queue="fleet")  # fmt: skip
             from celery.result import AsyncResult
 
@@ -316,7 +317,20 @@ def test_storage_down_past_the_retry_window_fails_with_a_recorded_reason(
             wait_until(lambda: res.state == "FAILURE", 60, "the job to fail")
             assert "storage unreachable for" in str(res.result)
             entries = [json.loads(x) for x in c.redis.lrange("fleet:failures:unstored", 0, -1)]
-            assert any(e["error_type"] == "StorageUnavailable" for e in entries)
+            assert [e["job_id"] for e in entries if e["error_type"] == "StorageUnavailable"] == [
+                handle.id
+            ]
+            spool = tmp_path / "spool" / handle.id
+            assert not spool.exists()  # its spooled images are cleaned with the last try
+            # Storage back: listed from Redis; the next stored job writes it to S3, once.
+            services.s3.start()
+            assert [e["job_id"] for e in c.failed()].count(handle.id) == 1
+            assert c.submit(job(steps=2)).wait(timeout=60).state == "succeeded"
+            wait_until(lambda: not c.redis.llen("fleet:failures:unstored"), 30, "the flush")
+            record = c.store.get_json(contract.failure_key(handle.id))
+            assert record["error_type"] == "StorageUnavailable"
+            assert [e["job_id"] for e in c.failed()].count(handle.id) == 1
+            assert c.status(handle.id).state == "failed"
         assert w.proc.poll() is None
     finally:
         w.stop()
