@@ -7,6 +7,7 @@ language can follow ``docs/contract.md`` instead of importing this module.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets
 import uuid
@@ -417,6 +418,40 @@ def time_limits(spec: JobSpec, base_s: float, per_mpx_step_s: float) -> tuple[fl
     work = spec.width * spec.height / 1e6 * spec.steps * spec.images
     soft = base_s + per_mpx_step_s * work
     return soft, soft * 1.5 + 30
+
+
+#: The fields that make two jobs the same job: one id, one recipe.
+RECIPE_FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed",
+                 "images", "model", "scheduler")  # fmt: skip
+
+
+def claim_value(queue: str, spec: JobSpec) -> str:
+    """What the claim of a job id holds: its queue and its recipe (to tell a resubmission of
+    the same job from another job under the same id)."""
+    return json.dumps({"queue": queue, "job": spec.model_dump(mode="json", include=set(
+        RECIPE_FIELDS))}, sort_keys=True)  # fmt: skip
+
+
+def parse_claim(raw: bytes | str | None) -> tuple[str | None, dict[str, Any] | None]:
+    """(queue, recipe) of a claim; a bare queue name (older claims) has no recipe."""
+    if raw is None:
+        return None, None
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text, None
+    if not isinstance(value, dict):
+        return text, None
+    job = value.get("job")
+    return value.get("queue"), job if isinstance(job, dict) else None
+
+
+def recipe_differences(before: dict[str, Any], spec: JobSpec) -> list[str]:
+    """The recipe fields in which ``spec`` differs from a recipe claimed before."""
+    now = spec.model_dump(mode="json", include=set(RECIPE_FIELDS))
+    return [f"{k}: {before.get(k)!r} then, {now[k]!r} now" for k in RECIPE_FIELDS
+            if before.get(k) != now[k]]  # fmt: skip
 
 
 def queue_for(model: str | None, routes: dict[str, str], default: str = DEFAULT_QUEUE) -> str:

@@ -56,6 +56,10 @@ class JobValidationError(FleetError, ValueError):
         return "invalid job: " + "; ".join(lines)
 
 
+class DuplicateJobError(FleetError):
+    """A job id was submitted again with another recipe; the message names what differs."""
+
+
 class StorageError(FleetError):
     """The S3-compatible store failed; retrying later can help."""
 

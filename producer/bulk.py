@@ -66,7 +66,11 @@ def submit_bulk(
     for i, ok in enumerate(claimed):
         (to_send if ok else duplicates).append(i)
     if duplicates:
-        _duplicate_handles(client, specs, queues, duplicates, handles)
+        try:
+            _duplicate_handles(client, specs, queues, duplicates, handles)
+        except BaseException:  # an id reused for another recipe: nothing of this call is sent
+            _release(client, [specs[i] for i in to_send])
+            raise
 
     progress = _Progress()
     try:
@@ -105,7 +109,8 @@ def _claim(client: Client, specs: Sequence[JobSpec], queues: Sequence[str]) -> l
     ttl = client.settings.job_claim_ttl_s
     with client.redis.pipeline(transaction=False) as pipe:
         for spec, queue in zip(specs, queues, strict=True):
-            pipe.set(contract.CLAIM_KEY.format(job_id=spec.job_id), queue, nx=True, ex=ttl)
+            value = contract.claim_value(queue, spec)
+            pipe.set(contract.CLAIM_KEY.format(job_id=spec.job_id), value, nx=True, ex=ttl)
         replies = pipe.execute(raise_on_error=False)
     errors = [r for r in replies if isinstance(r, Exception)]
     if errors:  # free what this call did claim (never ids claimed before), then fail
@@ -126,9 +131,7 @@ def _duplicate_handles(
             pipe.get(contract.CLAIM_KEY.format(job_id=specs[i].job_id))
         priors = pipe.execute()
     for i, prior in zip(indexes, priors, strict=True):
-        queue = prior.decode() if isinstance(prior, bytes) else queues[i]
-        log.info("job %s was submitted before; not enqueued again", specs[i].job_id)
-        handles[i] = JobHandle(specs[i].job_id, queue, client, duplicate=True)
+        handles[i] = client.duplicate(specs[i], prior, queues[i])
 
 
 def _release(client: Client, specs: Sequence[JobSpec]) -> None:

@@ -17,7 +17,7 @@ from celery.result import AsyncResult
 from fleet import contract
 from fleet.celeryconf import make_celery
 from fleet.contract import JobResult, JobSpec, JobStatus, validate_job
-from fleet.errors import FleetError, JobFailed, JobValidationError
+from fleet.errors import DuplicateJobError, FleetError, JobFailed, JobValidationError
 from fleet.settings import ProducerSettings
 from fleet.storage import ObjectStore
 
@@ -143,12 +143,10 @@ class Client:
     ) -> JobHandle:
         queue = self.queue_for(spec)
         claim = contract.CLAIM_KEY.format(job_id=spec.job_id)
-        claimed = self.redis.set(claim, queue, nx=True, ex=self.settings.job_claim_ttl_s)
+        value = contract.claim_value(queue, spec)
+        claimed = self.redis.set(claim, value, nx=True, ex=self.settings.job_claim_ttl_s)
         if not claimed:
-            log.info("job %s was submitted before; not enqueued again", spec.job_id)
-            prior = self.redis.get(claim)
-            prior_queue = prior.decode() if isinstance(prior, bytes) else queue
-            return JobHandle(spec.job_id, prior_queue, self, duplicate=True)
+            return self.duplicate(spec, self.redis.get(claim), queue)
         try:
             soft, hard = contract.time_limits(
                 spec, self.settings.job_time_base_s, self.settings.job_time_per_mpx_step_s
@@ -168,6 +166,21 @@ class Client:
             raise
         log.info("enqueued job %s on %s", spec.job_id, queue)
         return JobHandle(spec.job_id, queue, self)
+
+    def duplicate(self, spec: JobSpec, prior: bytes | str | None, queue: str) -> JobHandle:
+        """The handle of a job id submitted before with the same recipe (nothing is enqueued);
+        DuplicateJobError, naming what differs, when the id was used for another recipe."""
+        prior_queue, recipe = contract.parse_claim(prior)
+        if recipe is not None:
+            differs = contract.recipe_differences(recipe, spec)
+            if differs:
+                raise DuplicateJobError(
+                    f"job id {spec.job_id} was submitted before with another recipe ("
+                    + "; ".join(differs)
+                    + "); use a new job id"
+                )
+        log.info("job %s was submitted before; not enqueued again", spec.job_id)
+        return JobHandle(spec.job_id, prior_queue or queue, self, duplicate=True)
 
     def handle(self, job_id: str) -> JobHandle:
         return JobHandle(job_id, self.settings.queue, self)
@@ -257,7 +270,7 @@ class Client:
         for st, name in zip(queued, names, strict=True):
             if name is None:
                 continue
-            queue = name.decode() if isinstance(name, bytes) else str(name)
+            queue = contract.parse_claim(name)[0] or ""
             if queue not in scans:
                 scans[queue] = self.queue_positions(queue)
             ahead = (scans[queue] or {}).get(st.job_id)
@@ -424,7 +437,14 @@ class Client:
         base, _, attempt = job_id.rpartition(".r")
         if not (base and attempt.isdigit()):
             base, attempt = job_id, "0"
-        new_id = f"{base}.r{int(attempt) + 1}"
+        # The next attempt number no job has taken: retrying X twice makes X.r1, then X.r2.
+        for n in range(int(attempt) + 1, int(attempt) + 1000):
+            new_id = f"{base}.r{n}"
+            taken = self.redis.exists(contract.CLAIM_KEY.format(job_id=new_id))
+            if not taken and not self.store.exists(contract.manifest_key(new_id, prefix)):
+                break
+        else:
+            raise FleetError(f"job {job_id} was retried 1,000 times; not again")
         spec = self.validate({**manifest["job"], "job_id": new_id})  # says why if now invalid
         handle = self._enqueue(spec)
         entry = self.store.get_json(contract.failure_key(job_id, prefix)) or {"job_id": job_id}

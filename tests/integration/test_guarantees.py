@@ -209,3 +209,41 @@ def test_every_end_is_recorded_a_job_killed_at_its_hard_time_limit(
     after = qclient.submit(JobSpec(prompt="after", width=64, height=64, steps=2))
     assert after.wait(timeout=90).state == "succeeded"
     assert w.proc.poll() is None
+
+
+def test_an_id_reused_with_another_recipe_is_refused_naming_what_differs(
+    client: Client, qclient: Client
+) -> None:
+    from fleet.errors import DuplicateJobError
+    from producer.bulk import submit_bulk
+
+    job_id = f"reused-{uuid.uuid4().hex[:8]}"
+    first = qclient.submit(JobSpec(prompt="a fox", job_id=job_id, steps=2))
+    again = qclient.submit(JobSpec(prompt="a fox", job_id=job_id, steps=2))
+    assert again.duplicate and again.job_id == first.job_id  # the same recipe: the same job
+    with pytest.raises(DuplicateJobError, match=r"prompt: 'a fox' then, 'a wolf' now") as exc:
+        qclient.submit(JobSpec(prompt="a wolf", job_id=job_id, steps=2))
+    assert job_id in str(exc.value)
+    fresh = JobSpec(prompt="new", steps=2)
+    with pytest.raises(DuplicateJobError, match="steps: 2 then, 3 now"):
+        submit_bulk(qclient, [fresh, JobSpec(prompt="a fox", job_id=job_id, steps=3)])
+    assert not qclient.redis.exists(contract.CLAIM_KEY.format(job_id=fresh.job_id))
+
+
+def test_retrying_a_failed_job_twice_makes_a_second_attempt(worker, client: Client) -> None:
+    bad = client.submit(JobSpec(prompt="x", steps=2, model="not-served"))
+    assert bad.wait(timeout=60).state == "failed"
+    first = client.retry(bad.job_id)
+    second = client.retry(bad.job_id)
+    assert (first.job_id, second.job_id) == (f"{bad.job_id}.r1", f"{bad.job_id}.r2")
+    assert not second.duplicate
+    states = [s.state for s in client.wait([first.job_id, second.job_id], timeout=60)]
+    assert states == ["failed", "failed"]  # still the model this worker does not serve
+
+
+def test_the_id_claim_and_the_delivery_counter_expire_together(worker, client: Client) -> None:
+    done = client.submit(JobSpec(prompt="ttl", width=64, height=64, steps=2))
+    assert done.wait(timeout=60).state == "succeeded"
+    claim = client.redis.ttl(contract.CLAIM_KEY.format(job_id=done.job_id))
+    counter = client.redis.ttl(contract.DELIVERIES_KEY.format(task_id=done.job_id, retries=0))
+    assert claim > 7 * 24 * 3600 and abs(claim - counter) < 120, (claim, counter)
