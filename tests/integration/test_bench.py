@@ -1,12 +1,16 @@
-"""scripts/bench --quick runs to the end and records every figure (not how fast they are)."""
+"""scripts/bench --quick runs to the end and records every figure (not how fast they are),
+computed from the raw samples it records; --report-only recomputes them from those samples."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.fleet_fixtures import REPO
@@ -23,24 +27,35 @@ RATIOS = (
 )
 
 
-@pytest.fixture(scope="module")
-def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, float]:  # type: ignore[type-arg]
-    """One quick run shared by the tests below (how long it took is returned, not checked)."""
-    out = tmp_path_factory.mktemp("bench")
+def run_bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """scripts/bench as users run it, without this shell's FLEET_* settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-    began = time.monotonic()
-    proc = subprocess.run(
-        [str(REPO / "scripts" / "bench"), "--quick", "--out", str(out)],
+    return subprocess.run(
+        [str(REPO / "scripts" / "bench"), *args],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, float, Path]:  # type: ignore[type-arg]
+    """One quick run shared by the tests below (how long it took is returned, not checked)."""
+    out = tmp_path_factory.mktemp("bench")
+    began = time.monotonic()
+    proc = run_bench("--quick", "--out", str(out))
     seconds = time.monotonic() - began
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = json.loads((out / "results.json").read_text())
-    return results, (out / "results.md").read_text(), seconds
+    return results, (out / "results.md").read_text(), seconds, out
+
+
+def report_only(out: Path) -> tuple[dict, str]:  # type: ignore[type-arg]
+    proc = run_bench("--report-only", "--out", str(out), timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
 
 
 def positive(x: object) -> bool:
@@ -48,7 +63,7 @@ def positive(x: object) -> bool:
 
 
 def test_every_figure_is_measured_with_its_goal(bench_run) -> None:  # type: ignore[no-untyped-def]
-    res, _, _ = bench_run
+    res, *_ = bench_run
     figures = res["figures"]
     assert set(figures) == set(RATIOS)
     for name in RATIOS:
@@ -97,7 +112,7 @@ def test_every_figure_is_measured_with_its_goal(bench_run) -> None:  # type: ign
 
 
 def test_machine_versions_and_settings_are_recorded(bench_run) -> None:  # type: ignore[no-untyped-def]
-    res, _, _ = bench_run
+    res, *_ = bench_run
     assert res["mode"] == "quick"
     assert res["machine"]["cpu_model"] and positive(res["machine"]["cores"])
     for name in ("torch", "diffusers", "celery", "kombu"):
@@ -108,7 +123,7 @@ def test_machine_versions_and_settings_are_recorded(bench_run) -> None:  # type:
 
 
 def test_markdown_reports_figures_and_misses(bench_run) -> None:  # type: ignore[no-untyped-def]
-    res, md, _ = bench_run
+    res, md, *_ = bench_run
     for label in (
         "fleet efficiency",
         "fleet efficiency, overlapped worker",
@@ -124,3 +139,86 @@ def test_markdown_reports_figures_and_misses(bench_run) -> None:  # type: ignore
         if res["figures"][name]["met"] is False:
             assert "**MISSED**" in md
             assert name.replace("_", " ").capitalize().split()[0] in md.split("## Goals missed")[1]
+
+
+def images_per_s(parts: list[dict]) -> float:  # type: ignore[type-arg]
+    return sum(p["n"] for p in parts) / sum(p["seconds"] for p in parts)
+
+
+def test_figures_are_computed_from_the_recorded_samples(bench_run) -> None:  # type: ignore[no-untyped-def]
+    """Each figure again, straight from the raw samples with numpy (not with the bench's code)."""
+    res, *_ = bench_run
+    figures, samples = res["figures"], res["samples"]
+    runs = samples["throughput"]["runs"]
+    assert len(runs) == res["settings"]["repeats"]
+    inproc = np.array([images_per_s(r["inproc"]) for r in runs])
+    fleet = np.array([images_per_s(r["fleet"]) for r in runs])
+    overlap = np.array([images_per_s(r["overlap"]) for r in runs])
+    two = np.array([images_per_s(r["two"]) for r in runs])
+    assert figures["fleet_efficiency"]["value"] == pytest.approx(np.median(fleet / inproc))
+    assert figures["fleet_efficiency_overlapped"]["value"] == pytest.approx(
+        np.median(overlap / inproc)
+    )
+    assert figures["scale_out"]["value"] == pytest.approx(np.median(two / fleet))
+    assert figures["fleet_efficiency"]["runs"] == pytest.approx(fleet / inproc, abs=1e-4)
+    generate = [np.median([x for p in r["fleet"] for x in p["generate_s"]]) for r in runs]
+    assert figures["fleet_efficiency"]["per_job_ms"]["worker_generate"] == pytest.approx(
+        1000 * np.median(generate)
+    )
+
+    batching = samples["batching"]["runs"]
+    size = str(res["settings"]["batch_sizes"][0])
+    gains = [
+        (r["on"][size]["n"] / r["on"][size]["seconds"]) / images_per_s(r["off"]) for r in batching
+    ]
+    assert figures["batching_gain"]["value"] == pytest.approx(np.median(gains))
+
+    bulk = samples["bulk_enqueue"]
+    ratio = np.array(bulk["one_by_one_s"]) / np.array(bulk["bulk_s"])
+    assert figures["bulk_enqueue"]["value"] == pytest.approx(np.median(ratio))
+    lat = samples["idle_latency"]
+    assert len(lat["fleet_started_s"]) == res["settings"]["latency_samples"]
+    assert figures["idle_latency"]["value"] == pytest.approx(
+        np.median(lat["fleet_started_s"]) / np.median(lat["trivial_done_s"])
+    )
+    for name, fig in figures.items():
+        band, goal = fig["interval90"], fig["goal_value"]
+        assert (band is None) == (len(fig["runs"]) < 3), name
+        assert fig["within_noise"] == bool(band and band[0] < goal < band[1]), name
+
+
+def test_report_only_recomputes_the_figures_from_the_samples(bench_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    res, md, _, out = bench_run
+    shutil.copy(out / "results.json", tmp_path / "results.json")
+    again, again_md = report_only(tmp_path)
+    assert again == res and again_md == md  # the same samples give the same figures and report
+
+    # Twice the one-by-one seconds: the bulk-enqueue ratio doubles, in results.json and .md.
+    doubled = json.loads((out / "results.json").read_text())
+    bulk = doubled["samples"]["bulk_enqueue"]
+    bulk["one_by_one_s"] = [2 * s for s in bulk["one_by_one_s"]]
+    (tmp_path / "results.json").write_text(json.dumps(doubled))
+    changed, changed_md = report_only(tmp_path)
+    value = changed["figures"]["bulk_enqueue"]["value"]
+    assert value == pytest.approx(2 * res["figures"]["bulk_enqueue"]["value"])
+    assert f"| bulk enqueue | {value:.2f} |" in changed_md
+    assert changed["figures"]["fleet_efficiency"] == res["figures"]["fleet_efficiency"]
+
+
+def test_report_only_on_the_committed_results_gives_the_committed_table(tmp_path: Path) -> None:
+    """The committed bench/results.json (also one from before samples were recorded, whose
+    figures are kept as they are) gives the committed results.md's table and stays as it was."""
+    committed = REPO / "bench" / "results.json"
+    shutil.copy(committed, tmp_path / "results.json")
+    res, md = report_only(tmp_path)
+    assert res == json.loads(committed.read_text())  # left as it was
+    table = [line for line in (REPO / "bench" / "results.md").read_text().splitlines()
+             if line.startswith("| ")]  # fmt: skip
+    assert len(table) == 7  # the header and the six figures
+    assert [line for line in md.splitlines() if line.startswith("| ")] == table
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_bench("--report-only", "--out", str(empty), timeout=60)
+    assert proc.returncode == 2 and "no " in proc.stderr
+    assert not (empty / "results.md").exists()
