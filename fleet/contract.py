@@ -53,25 +53,39 @@ JOB_STATES = ("queued", "started", "succeeded", "failed", "cancelled", "unknown"
 JobState = Literal["queued", "started", "succeeded", "failed", "cancelled", "unknown"]
 #: Priorities: 0 (last) to 9 (first); jobs without one get DEFAULT_PRIORITY.
 MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 0, 9, 5
-#: Redis transport options every part of the fleet should share: kombu keeps one Redis list
+#: Redis transport options every part of the fleet should share. kombu keeps one Redis list
 #: per priority step — ``<queue>`` for step 0, ``<queue>\x06\x16<step>`` for steps 1-9 (kombu's
-#: default separator, which must not change: control messages parse it) — and serves step 0
-#: first, first-in-first-out within a step. A job of priority p goes to step 9 - p.
+#: default separator, which must not change: control messages parse it); a sender's kombu picks
+#: the list from the message's priority, and a message without one lands in step 0. So step 0
+#: is the *default* fleet priority (5): a foreign sender that sets no priority waits in line with
+#: the producer's jobs. The steps of higher priorities (6-9) are 1-4, of lower ones (4-0) 9-5;
+#: workers read the steps in WORKER_READ_ORDER, first-in-first-out within a step, and serve the
+#: queues they consume in turn (round robin) within a step.
 PRIORITY_TRANSPORT_OPTIONS: dict[str, Any] = {
-    "queue_order_strategy": "priority",
+    "queue_order_strategy": "round_robin",
     "priority_steps": list(range(10)),
 }
 PRIORITY_SEP = "\x06\x16"
 
 
 def celery_priority(priority: int) -> int:
-    """Celery/kombu priority step for a fleet priority (higher fleet priority = sooner)."""
-    return MAX_PRIORITY - priority
+    """The Celery/kombu priority step of a fleet priority: 5 (the default) is step 0, the step
+    of a message sent without a priority; 9 is step 4 and 0 is step 5."""
+    return (priority - DEFAULT_PRIORITY) % 10
+
+
+#: The order in which workers read the priority steps: fleet priority 9 first, 0 last.
+WORKER_READ_ORDER: list[int] = [celery_priority(p) for p in range(MAX_PRIORITY, -1, -1)]
+
+
+def step_key(queue: str, step: int) -> str:
+    """The Redis list of one priority step of a queue."""
+    return f"{queue}{PRIORITY_SEP}{step}" if step else queue
 
 
 def queue_keys(queue: str) -> list[str]:
-    """The Redis lists holding a queue's messages, one per priority step (for depth counts)."""
-    return [queue] + [f"{queue}{PRIORITY_SEP}{step}" for step in range(1, 10)]
+    """The Redis lists holding a queue's messages, in the order workers read them."""
+    return [step_key(queue, step) for step in WORKER_READ_ORDER]
 
 
 #: Redis key a producer sets to cancel a job; workers check it before and during generation.
@@ -89,6 +103,11 @@ UNSTORED_FAILURES_KEY = "fleet:failures:unstored"
 UNSTORED_FAILURES_MAX = 10_000
 #: Redis counter of the deliveries of one attempt of a task (a retry is a new attempt).
 DELIVERIES_KEY = "fleet:deliveries:{task_id}:{retries}"
+#: Redis list of queue entries no worker could run (not a Celery JSON message, or a body that
+#: is not a job message), newest first, with the reason; `producer failed` shows them. Keeps
+#: the newest DEAD_LETTERS_MAX.
+DEAD_LETTERS_KEY = "fleet:dead-letters"
+DEAD_LETTERS_MAX = 1_000
 #: Redis key holding when storage first failed for a task (its retry window starts then).
 OUTAGE_KEY = "fleet:storage-outage:{task_id}"
 

@@ -223,7 +223,8 @@ def cmd_failed(client: Client, args: argparse.Namespace, out: Console) -> int:
         out.print_json(data=entries)
     else:
         for e in entries:
-            out.print(f"[red]failed[/red] {e['job_id']}  {e.get('failed_at') or ''}")
+            name = e.get("job_id") or "(no task id)"
+            out.print(f"[red]failed[/red] {name}  {e.get('failed_at') or ''}")
             out.print(f"  reason: {e.get('error')}")
             if e.get("retried_as"):
                 out.print(f"  retried as: {e['retried_as']}")

@@ -411,17 +411,29 @@ class Client:
     # -- failures ---------------------------------------------------------------------------
 
     def failed(self, limit: int | None = None, include_retried: bool = False) -> list[dict]:
-        """Failed jobs, from the durable failure index in S3 (newest first)."""
-        # Failures recorded while storage was down wait in Redis (see worker/tasks.py).
+        """Failed jobs, from the durable failure index in S3, the failures kept in Redis while
+        storage was down, and the dead letters (queue entries no worker could run); newest
+        first."""
+        # Failures recorded while storage was down wait in Redis (see worker/records.py).
         entries = [
             json.loads(raw) for raw in self.redis.lrange(contract.UNSTORED_FAILURES_KEY, 0, -1)
         ]
+        entries += [
+            {"job_id": d.get("task_id"), "error_type": "DeadLetter", "failed_at": d.get("at"),
+             "error": f"dead letter in queue {d.get('queue')}: {d.get('reason')}",
+             "queue": d.get("queue")}
+            for d in self.dead_letters()
+        ]  # fmt: skip
         for key in self.store.list_keys(contract.failures_prefix(self.settings.s3_prefix)):
             entry = self.store.get_json(key)
             if entry is not None and (include_retried or not entry.get("retried_as")):
                 entries.append(entry)
         entries.sort(key=lambda e: str(e.get("failed_at") or ""), reverse=True)
         return entries[:limit] if limit else entries
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """Queue entries workers could not run, with why (newest first, the newest 1,000)."""
+        return [json.loads(raw) for raw in self.redis.lrange(contract.DEAD_LETTERS_KEY, 0, -1)]
 
     def retry(self, job_id: str) -> JobHandle:
         """Submit a failed job again, with the recipe its manifest recorded, as a new job

@@ -23,6 +23,7 @@ from fleet.contract import TASK_GENERATE, WEBHOOK_QUEUE
 from fleet.errors import JobExpired
 from fleet.settings import WorkerSettings
 from worker.ops.heartbeat import Heartbeat
+from worker.ops.transport import LeaseKeeper
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ def _warm_up() -> None:
 
 
 _heartbeat: Heartbeat | None = None
+_leases: LeaseKeeper | None = None
 
 
 @worker_ready.connect
@@ -128,6 +130,10 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
         settings.heartbeat_ttl_s,
     )
     _heartbeat.start()
+    if sender is not None:
+        global _leases
+        _leases = LeaseKeeper(sender, max(1.0, settings.visibility_timeout_s / 4))
+        _leases.start()
     if sender is not None and _runs_tasks_in_this_process(sender) and set(queues) - {WEBHOOK_QUEUE}:
         _warm_up()  # the first job should not pay the model load on a threads-pool worker
     if settings.metrics_port:
@@ -143,6 +149,8 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
 def _stop_heartbeat(**_: Any) -> None:
     if _heartbeat is not None:
         _heartbeat.stop()
+    if _leases is not None:
+        _leases.stop()
 
 
 @task_revoked.connect

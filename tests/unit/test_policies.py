@@ -65,9 +65,25 @@ class FakeRedis:
     def delete(self, key: str) -> int:
         return int(self.data.pop(key, None) is not None)
 
-    def lpush(self, key: str, value: str) -> int:
+    def lpush(self, key: str, value: str) -> FakeRedis:
         self.data.setdefault(key, []).insert(0, value)
-        return len(self.data[key])
+        return self
+
+    def ltrim(self, key: str, start: int, end: int) -> FakeRedis:
+        self.data[key] = self.data.get(key, [])[start : end + 1]
+        return self
+
+    def pipeline(self, transaction: bool = True) -> FakeRedis:
+        return self
+
+    def execute(self) -> list[Any]:
+        return []
+
+    def __enter__(self) -> FakeRedis:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
 
 
 class FakeTask:
@@ -227,6 +243,9 @@ def test_a_failure_that_cannot_reach_storage_waits_in_redis() -> None:
         bucket = "fleet"
 
         def put_json(self, key: str, obj: Any) -> None:
+            raise StorageError("connection refused")
+
+        def get_json_tagged(self, key: str) -> Any:
             raise StorageError("connection refused")
 
     r = FakeRedis()
