@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fleet.contract import DEFAULT_QUEUE, Limits
@@ -228,6 +228,30 @@ class WorkerSettings(FleetSettings, WorkerGroup):
     """Everything a worker process reads at start. See .env.example for each variable."""
 
     model_config = _CONFIG
+
+    @model_validator(mode="after")
+    def _agree(self) -> WorkerSettings:
+        """Settings that depend on each other are checked against each other at start."""
+        problems = []
+        if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
+            problems.append(
+                f"FLEET_HEARTBEAT_TTL_S={self.heartbeat_ttl_s} must exceed "
+                f"FLEET_HEARTBEAT_INTERVAL_S={self.heartbeat_interval_s:g}, or a live worker "
+                "reads as dead between beats"
+            )
+        if self.visibility_timeout_s < 4:
+            problems.append(
+                f"FLEET_VISIBILITY_TIMEOUT_S={self.visibility_timeout_s} must be at least 4: "
+                "held jobs' leases are refreshed every quarter of it"
+            )
+        if self.storage_retry_backoff_max_s > self.storage_retry_window_s > 0:
+            problems.append(
+                f"FLEET_STORAGE_RETRY_BACKOFF_MAX_S={self.storage_retry_backoff_max_s} is longer "
+                f"than FLEET_STORAGE_RETRY_WINDOW_S={self.storage_retry_window_s:g}"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 #: The groups in the order .env.example lists them.

@@ -119,3 +119,17 @@ def test_every_env_example_name_reaches_its_setting(
             got = got.get_secret_value()
         assert got != default, f"{name}={value} did not reach {cls.__name__}.{field_name}"
         monkeypatch.delenv(name)
+
+
+def test_settings_that_depend_on_each_other_are_checked_at_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    WorkerSettings()  # the defaults agree
+    monkeypatch.setenv("FLEET_HEARTBEAT_TTL_S", "5")
+    with pytest.raises(ValidationError, match="FLEET_HEARTBEAT_TTL_S=5 must exceed"):
+        WorkerSettings()
+    monkeypatch.delenv("FLEET_HEARTBEAT_TTL_S")
+    monkeypatch.setenv("FLEET_VISIBILITY_TIMEOUT_S", "2")
+    with pytest.raises(ValidationError, match="FLEET_VISIBILITY_TIMEOUT_S=2 must be at least 4"):
+        WorkerSettings()
