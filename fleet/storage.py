@@ -6,7 +6,8 @@ import contextlib
 import json
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import boto3
 from botocore.config import Config
@@ -18,10 +19,11 @@ if TYPE_CHECKING:
     from fleet.settings import FleetSettings
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
-_MISSING_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
 #: A conditional write whose condition failed: someone else wrote first.
-_CONFLICT_CODES = {"412", "PreconditionFailed", "409", "ConditionalRequestConflict"}
+_CONFLICT_CODES = frozenset({"412", "PreconditionFailed", "409", "ConditionalRequestConflict"})
 
 
 def make_s3_client(settings: FleetSettings) -> Any:
@@ -81,27 +83,33 @@ class ObjectStore:
             if _code(exc) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
                 raise StorageError(f"cannot create bucket {self.bucket!r}: {exc}") from exc
 
-    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+    def _request(
+        self, what: str, key: str, call: Callable[[], _T], quiet: frozenset[str] = frozenset(),
+        quiet_value: Any = None,
+    ) -> _T:  # fmt: skip
+        """Run one S3 request. A client error whose code is in ``quiet`` gives ``quiet_value``
+        (e.g. "no such key": None); every other failure becomes a StorageError naming the
+        request and the object."""
         try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
-        except (ClientError, BotoCoreError) as exc:
-            raise StorageError(f"upload of s3://{self.bucket}/{key} failed: {exc}") from exc
+            return call()
+        except ClientError as exc:
+            if _code(exc) in quiet:
+                return cast(_T, quiet_value)
+            raise StorageError(f"{what} of s3://{self.bucket}/{key} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"{what} of s3://{self.bucket}/{key} failed: {exc}") from exc
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        self._request("upload", key, lambda: self.client.put_object(
+            Bucket=self.bucket, Key=key, Body=data, ContentType=content_type))  # fmt: skip
 
     def put_json(self, key: str, obj: Any) -> None:
-        body = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
-        self.put_bytes(key, body, "application/json")
+        self.put_bytes(key, _json_bytes(obj), "application/json")
 
     def get_bytes(self, key: str) -> bytes | None:
         """The object's bytes, or None when it does not exist."""
-        try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=key)
-            return bytes(resp["Body"].read())
-        except ClientError as exc:
-            if _code(exc) in _MISSING_CODES:
-                return None
-            raise StorageError(f"download of s3://{self.bucket}/{key} failed: {exc}") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"download of s3://{self.bucket}/{key} failed: {exc}") from exc
+        data, _ = self._get(key)
+        return data
 
     def get_json(self, key: str) -> Any | None:
         data = self.get_bytes(key)
@@ -109,35 +117,29 @@ class ObjectStore:
 
     def get_json_tagged(self, key: str) -> tuple[Any | None, str | None]:
         """The object as JSON and its ETag, or (None, None) when it does not exist."""
-        try:
+        data, etag = self._get(key)
+        return (None, None) if data is None else (json.loads(data), etag)
+
+    def _get(self, key: str) -> tuple[bytes | None, str | None]:
+        def call() -> tuple[bytes | None, str | None]:
             resp = self.client.get_object(Bucket=self.bucket, Key=key)
-            return json.loads(resp["Body"].read()), str(resp.get("ETag") or "") or None
-        except ClientError as exc:
-            if _code(exc) in _MISSING_CODES:
-                return None, None
-            raise StorageError(f"download of s3://{self.bucket}/{key} failed: {exc}") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"download of s3://{self.bucket}/{key} failed: {exc}") from exc
+            return bytes(resp["Body"].read()), str(resp.get("ETag") or "") or None
+
+        return self._request("download", key, call, _MISSING_CODES, (None, None))
 
     def put_json_if(self, key: str, obj: Any, etag: str | None) -> bool:
         """Write ``obj`` only if the object is still as we read it: absent (``etag`` None:
         ``If-None-Match: *``) or unchanged (``If-Match: etag``). False when another writer got
         there first (412 Precondition Failed). Stores that ignore the condition (see
         ``honours_conditional_writes``) write unconditionally."""
-        body = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
         condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
-        try:
-            self.client.put_object(
-                Bucket=self.bucket, Key=key, Body=body, ContentType="application/json",
-                **condition,
-            )  # fmt: skip
+
+        def call() -> bool:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=_json_bytes(obj),
+                                   ContentType="application/json", **condition)  # fmt: skip
             return True
-        except ClientError as exc:
-            if _code(exc) in _CONFLICT_CODES:
-                return False
-            raise StorageError(f"upload of s3://{self.bucket}/{key} failed: {exc}") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"upload of s3://{self.bucket}/{key} failed: {exc}") from exc
+
+        return self._request("conditional upload", key, call, _CONFLICT_CODES, False)
 
     def honours_conditional_writes(self, probe_prefix: str = "") -> bool:
         """Probe whether the store refuses a conditional write whose condition fails (S3 since
@@ -164,31 +166,23 @@ class ObjectStore:
         return self._conditional
 
     def exists(self, key: str) -> bool:
-        try:
+        def call() -> bool:
             self.client.head_object(Bucket=self.bucket, Key=key)
             return True
-        except ClientError as exc:
-            if _code(exc) in _MISSING_CODES:
-                return False
-            raise StorageError(f"cannot check s3://{self.bucket}/{key}: {exc}") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"cannot check s3://{self.bucket}/{key}: {exc}") from exc
+
+        return self._request("check", key, call, _MISSING_CODES, False)
 
     def delete(self, key: str) -> None:
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=key)
-        except (ClientError, BotoCoreError) as exc:
-            raise StorageError(f"delete of s3://{self.bucket}/{key} failed: {exc}") from exc
+        self._request("delete", key, lambda: self.client.delete_object(Bucket=self.bucket,
+                                                                       Key=key))  # fmt: skip
 
     def list_keys(self, prefix: str) -> list[str]:
-        keys: list[str] = []
-        try:
+        def call() -> list[str]:
             paginator = self.client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-                keys.extend(obj["Key"] for obj in page.get("Contents", []))
-        except (ClientError, BotoCoreError) as exc:
-            raise StorageError(f"cannot list s3://{self.bucket}/{prefix}: {exc}") from exc
-        return keys
+            pages = paginator.paginate(Bucket=self.bucket, Prefix=prefix)
+            return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+        return self._request("listing", prefix, call)
 
     def presign_get(self, key: str, expires_s: int | None = None) -> str:
         return str(
@@ -201,6 +195,10 @@ class ObjectStore:
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
 
 
 def _code(exc: ClientError) -> str:

@@ -357,9 +357,7 @@ def test_redis_sigkill_loses_nothing_acknowledged_with_appendfsync_always(
             handles = c.submit_many([job(steps=2) for _ in range(200)])
             services.redis.kill()
         services.redis.start()
-        queued = sum(
-            services.redis.client().llen(k) for k in contract.queue_keys("fleet.sigkill")
-        )
+        queued = sum(services.redis.client().llen(k) for k in contract.queue_keys("fleet.sigkill"))
         assert queued == len(handles), f"{len(handles) - queued} acknowledged jobs lost"
     finally:
         services.stop()

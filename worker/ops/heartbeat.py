@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 from typing import Any
 
@@ -19,31 +18,32 @@ import redis
 
 from fleet.contract import HEARTBEAT_KEY
 from fleet.contract import WORKER_INFO_KEY as INFO_KEY
+from worker.ops.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
 
-class Heartbeat:
+class Heartbeat(Periodic):
     """Refreshes ``fleet:heartbeat:<node>`` every ``interval_s``; it expires after ``ttl_s``."""
+
+    name = "fleet-heartbeat"
 
     def __init__(
         self, redis_url: str, node: str, queues: list[str], interval_s: float, ttl_s: int
     ) -> None:
+        super().__init__(interval_s)
         self.client = redis.Redis.from_url(redis_url, socket_timeout=5)
         self.node = node
         self.queues = queues
-        self.interval_s = interval_s
         self.ttl_s = ttl_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fleet-heartbeat", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        super().stop()
         with contextlib.suppress(redis.RedisError):
             self.client.delete(HEARTBEAT_KEY.format(node=self.node))
+
+    def tick(self) -> None:
+        self.beat()
 
     def beat(self) -> None:
         value = {
@@ -54,14 +54,6 @@ class Heartbeat:
             "at": time.time(),
         }
         self.client.set(HEARTBEAT_KEY.format(node=self.node), json.dumps(value), ex=self.ttl_s)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.beat()
-            except redis.RedisError as exc:  # Redis restarting: keep trying, the TTL tells
-                log.warning("heartbeat to Redis failed: %s", exc)
-            self._stop.wait(self.interval_s)
 
 
 def alive_nodes(redis_url: str, host: str | None = None) -> list[dict[str, Any]]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -36,6 +35,7 @@ from kombu.transport.virtual import Empty
 from kombu.utils.encoding import bytes_to_str
 
 from fleet import contract
+from worker.ops.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -206,27 +206,17 @@ class Transport(kombu_redis.Transport):  # type: ignore[misc]
     Channel = Channel
 
 
-class LeaseKeeper:
+class LeaseKeeper(Periodic):
     """In the worker's main process: refreshes the leases of held messages every
     ``interval_s`` (a quarter of the visibility timeout), while the worker runs."""
 
+    name = "fleet-leases"
+
     def __init__(self, consumer: Any, interval_s: float) -> None:
+        super().__init__(interval_s, at_start=False)
         self.consumer = consumer
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fleet-leases", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                channel = self.consumer.task_consumer.channel
-                if isinstance(channel, Channel):
-                    channel.refresh_leases()
-            except Exception as exc:  # Redis away: the next round tries again
-                log.warning("could not refresh the leases of held jobs: %s", exc)
+    def tick(self) -> None:
+        channel = self.consumer.task_consumer.channel
+        if isinstance(channel, Channel):
+            channel.refresh_leases()
