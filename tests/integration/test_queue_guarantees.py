@@ -166,3 +166,28 @@ def test_a_worker_on_two_queues_serves_them_in_turn(start_worker, fleet_env: dic
     # In turn, not all of the first queue before the second.
     assert served[:4].count(q1) == 2 and served[:4].count(q2) == 2, served
     assert order == [j for pair in zip(ids[served[0]], ids[served[1]], strict=True) for j in pair]
+
+
+def test_a_restored_job_of_a_dead_worker_goes_back_to_the_front(
+    start_worker, qclient: Client, queue: str
+) -> None:
+    import os
+    import signal
+
+    from tests.fleet_fixtures import wait_until
+    from tests.integration.test_reliability import started_job
+
+    w = start_worker("restorefront", queues=queue, **FAST_REDELIVERY)
+    assert qclient.submit(small("warm")).wait(timeout=90).state == "succeeded"
+    first = qclient.submit(small("its worker dies", steps=150))
+    wait_until(lambda: started_job(qclient, [first.job_id]), 60, "the job running")
+    rest = qclient.submit_many([small(f"behind {i}", steps=10) for i in range(3)])
+    os.killpg(w.proc.pid, signal.SIGKILL)  # the whole worker, as a crash would
+    w.proc.wait(10)
+    w.start()
+    ids = [first.job_id] + [h.job_id for h in rest]
+    assert {s.state for s in qclient.wait(ids, timeout=180)} == {"succeeded"}
+    # Restored at the visibility timeout to the front: it ran again before those behind it.
+    lines = [ln for ln in w.log().splitlines() if "] received:" in ln]
+    starts = [next((j for j in ids if f"[job={j} " in ln), None) for ln in lines]
+    assert [s for s in starts if s][:2] == [first.job_id, first.job_id], starts

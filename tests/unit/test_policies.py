@@ -189,9 +189,13 @@ def test_the_task_retries_a_storage_failure_and_fails_past_the_window() -> None:
     r.data[key] = b"0"  # the outage began long ago
     recorded: list[Exception] = []
     p.record = lambda job, error: recorded.append(error)  # type: ignore[method-assign]
-    error = p.after_failure(FakeTask(), {"job_id": "j1"}, StorageError("down"), 1.0)  # type: ignore[arg-type]
+    last = FakeTask()
+    job = {"job_id": "j1", "webhook": "https://example.com/hook"}
+    error = p.after_failure(last, job, StorageError("down"), 1.0)  # type: ignore[arg-type]
     assert isinstance(error, StorageUnavailable) and recorded == [error]
     assert key not in r.data
+    ((name, kwargs),) = last.sent  # the last try tells the webhook
+    assert name == contract.TASK_WEBHOOK and kwargs["payload"]["error_type"] == "StorageUnavailable"
 
 
 def test_out_of_memory_goes_to_the_fallback_queue_once_then_fails() -> None:

@@ -67,3 +67,10 @@ def test_a_message_without_a_priority_waits_at_the_default_priority() -> None:
     assert [order.index(contract.celery_priority(p)) for p in range(9, -1, -1)] == list(range(10))
     assert contract.queue_keys("q")[order.index(0)] == "q"
     assert contract.queue_keys("q")[0] == f"q{contract.PRIORITY_SEP}4"
+
+
+def test_remote_control_messages_keep_their_own_bodies() -> None:
+    """Pidbox commands and replies (`celery control`, `celery inspect`) are not task messages."""
+    reply = json.loads(envelope({"gpu0@host": {"ok": "no longer consuming from fleet"}}))
+    del reply["headers"]["task"]
+    assert decode_entry(json.dumps(reply))["body"] == reply["body"]

@@ -63,7 +63,9 @@ def decode_entry(raw: bytes | str) -> dict[str, Any]:
         raise BadEntry("envelope without headers or a string body")
     if "delivery_tag" not in properties:
         raise BadEntry("envelope without properties.delivery_tag")
-    if str(envelope.get("content-type", "")) == "application/json":
+    # A task message (protocol 2 names its task in the headers) must carry a task body; other
+    # messages on these channels (remote-control commands and their replies) keep their own.
+    if "task" in headers and str(envelope.get("content-type", "")) == "application/json":
         _check_json_body(envelope)
     return envelope
 
