@@ -402,13 +402,26 @@ class RunStore(ObjectStore):
         self.written: set[str] = set()
 
     def put_json(self, key: str, obj: Any) -> None:
+        job_id = self._manifest_of(key, obj)
+        super().put_json(key, {**obj, **self.stamps.get(job_id, {})} if job_id else obj)
+        if job_id:
+            self.written.add(job_id)
+
+    def put_json_if(self, key: str, obj: Any, etag: str | None) -> bool:
+        """Failure manifests are written conditionally (worker.records.write_failure)."""
+        job_id = self._manifest_of(key, obj)
+        stamped = {**obj, **self.stamps.get(job_id, {})} if job_id else obj
+        written = super().put_json_if(key, stamped, etag)
+        if job_id and written:
+            self.written.add(job_id)
+        return written
+
+    def _manifest_of(self, key: str, obj: Any) -> str | None:
+        """The job id when ``key`` is that job's manifest."""
         job_id = obj.get("job_id") if isinstance(obj, dict) else None
         if isinstance(job_id, str) and key == contract.manifest_key(job_id, self.prefix):
-            obj = {**obj, **self.stamps.get(job_id, {})}
-            super().put_json(key, obj)
-            self.written.add(job_id)
-            return
-        super().put_json(key, obj)
+            return job_id
+        return None
 
 
 @dataclass
