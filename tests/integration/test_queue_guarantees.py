@@ -6,6 +6,7 @@ jobs are sent from a stock ``celery[redis]`` app that has none of the fleet's co
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -163,9 +164,13 @@ def test_a_worker_on_two_queues_serves_them_in_turn(start_worker, fleet_env: dic
     order = order_received(w, every)
     queue_of = {j: q for q, js in ids.items() for j in js}
     served = [queue_of[j] for j in order]
-    # In turn, not all of the first queue before the second.
+    # In turn, not all of the first queue before the second: no queue is served more than
+    # twice in a row (the reserved message of a prefetching worker may come from either).
     assert served[:4].count(q1) == 2 and served[:4].count(q2) == 2, served
-    assert order == [j for pair in zip(ids[served[0]], ids[served[1]], strict=True) for j in pair]
+    runs = [len(list(group)) for _, group in itertools.groupby(served)]
+    assert max(runs) <= 2, served
+    for q in (q1, q2):  # first in, first out within each queue
+        assert [j for j in order if queue_of[j] == q] == ids[q]
 
 
 def test_a_restored_job_of_a_dead_worker_goes_back_to_the_front(
@@ -181,13 +186,19 @@ def test_a_restored_job_of_a_dead_worker_goes_back_to_the_front(
     assert qclient.submit(small("warm")).wait(timeout=90).state == "succeeded"
     first = qclient.submit(small("its worker dies", steps=150))
     wait_until(lambda: started_job(qclient, [first.job_id]), 60, "the job running")
-    rest = qclient.submit_many([small(f"behind {i}", steps=10) for i in range(3)])
     os.killpg(w.proc.pid, signal.SIGKILL)  # the whole worker, as a crash would
     w.proc.wait(10)
+    rest = qclient.submit_many([small(f"behind {i}", steps=10) for i in range(3)])
+    # Any consumer of this Redis restores a dead worker's messages at the visibility timeout:
+    # here one on another queue, so that nothing takes the jobs before we look.
+    start_worker("sweeper", queues=f"{queue}.sweeper", **FAST_REDELIVERY)
+    places = lambda: qclient.queue_positions(queue) or {}  # noqa: E731
+    wait_until(lambda: first.job_id in places(), 60, "the job restored to its queue")
+    assert places()[first.job_id] == 0  # at the front, ahead of the three queued behind it
+    assert sorted(places()[h.job_id] for h in rest) == [1, 2, 3]
+    logged = len(w.log())
     w.start()
     ids = [first.job_id] + [h.job_id for h in rest]
     assert {s.state for s in qclient.wait(ids, timeout=180)} == {"succeeded"}
-    # Restored at the visibility timeout to the front: it ran again before those behind it.
-    lines = [ln for ln in w.log().splitlines() if "] received:" in ln]
-    starts = [next((j for j in ids if f"[job={j} " in ln), None) for ln in lines]
-    assert [s for s in starts if s][:2] == [first.job_id, first.job_id], starts
+    after = [ln for ln in w.log()[logged:].splitlines() if "] received:" in ln]
+    assert f"[job={first.job_id} " in after[0], after  # the restarted worker ran it first

@@ -197,10 +197,13 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
 
     def refresh_leases(self) -> int:
         """Move the unacked-index score of every held message to now; returns how many."""
-        tags = self.qos.held_tags()
+        tags = self.qos.held_tags()  # in delivery order
         if tags:
-            now = time.time()
-            self.client.zadd(self.unacked_index_key, {tag: now for tag in tags}, xx=True)
+            # Older deliveries keep smaller scores, so a dead worker's messages are restored in
+            # the order it got them (kombu restores newest first, each to the front).
+            now = time.time() - len(tags) * 1e-3
+            scores = {tag: now + i * 1e-3 for i, tag in enumerate(tags)}
+            self.client.zadd(self.unacked_index_key, scores, xx=True)
         return len(tags)
 
 
