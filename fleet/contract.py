@@ -92,6 +92,9 @@ def queue_keys(queue: str) -> list[str]:
 CANCEL_KEY = "fleet:cancel:{job_id}"
 #: Redis key each worker's main process refreshes with a TTL (JSON: node, host, pid, queues).
 HEARTBEAT_KEY = "fleet:heartbeat:{node}"
+#: Redis key where a worker publishes whether it can take jobs (JSON: state ready, starting or
+#: broken, and the reason); `python -m worker check` reads it through the heartbeat.
+WORKER_STATE_KEY = "fleet:worker-state:{node}"
 #: Redis key where a worker's pool child publishes its device facts (JSON).
 WORKER_INFO_KEY = "fleet:worker-info:{node}"
 #: Redis key that reserves a job id (value: its queue), so the same id submitted twice makes

@@ -66,6 +66,14 @@ class StorageError(FleetError):
     disposition = "transient"
 
 
+class StorageRefused(FleetError):
+    """The store answered, and refused: wrong credentials, a missing bucket, a denied action or
+    a skewed clock. Retrying does not help; this worker cannot store anything until it is
+    fixed, so it takes no job (the message says what to fix)."""
+
+    disposition = "worker"
+
+
 class StorageUnavailable(FleetError):
     """Storage stayed unreachable longer than the worker's retry window; the job failed."""
 

@@ -13,7 +13,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from fleet.errors import StorageError
+from fleet.errors import StorageError, StorageRefused
 
 if TYPE_CHECKING:
     from fleet.settings import FleetSettings
@@ -22,6 +22,19 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
+#: Answers that say this store refuses us, with what to fix (retrying cannot help).
+_REFUSALS: dict[str, str] = {
+    "InvalidAccessKeyId": "the access key is unknown to the store: check FLEET_S3_ACCESS_KEY_ID",
+    "SignatureDoesNotMatch": "the secret key is wrong: check FLEET_S3_SECRET_ACCESS_KEY",
+    "AccessDenied": "the credentials may not do this: grant the actions in docs/operations.md",
+    "403": "the store refused the credentials (403): check FLEET_S3_ACCESS_KEY_ID, "
+    "FLEET_S3_SECRET_ACCESS_KEY and the actions in docs/operations.md",
+    "401": "the store refused the credentials (401): check FLEET_S3_ACCESS_KEY_ID and "
+    "FLEET_S3_SECRET_ACCESS_KEY",
+    "NoSuchBucket": "the bucket does not exist: create it or set FLEET_S3_CREATE_BUCKET=true",
+    "RequestTimeTooSkewed": "this host's clock is too far from the store's: sync it (NTP)",
+    "InvalidBucketName": "the bucket name is invalid: check FLEET_S3_BUCKET",
+}
 #: A conditional write whose condition failed: someone else wrote first.
 _CONFLICT_CODES = frozenset({"412", "PreconditionFailed", "409", "ConditionalRequestConflict"})
 
@@ -64,6 +77,8 @@ class ObjectStore:
         self.presign_expiry_s = settings.presign_expiry_s
         self.client = client or make_s3_client(settings)
         self._conditional: bool | None = None
+        #: The canary passed: these credentials may write, read and delete here.
+        self.verified = False
         if settings.s3_create_bucket and create_bucket:
             self.ensure_bucket()
 
@@ -95,6 +110,11 @@ class ObjectStore:
         except ClientError as exc:
             if _code(exc) in quiet:
                 return cast(_T, quiet_value)
+            refusal = refusal_of(exc)
+            if refusal is not None:
+                raise StorageRefused(
+                    f"{what} of s3://{self.bucket}/{key} refused: {refusal} ({exc})"
+                ) from exc
             raise StorageError(f"{what} of s3://{self.bucket}/{key} failed: {exc}") from exc
         except BotoCoreError as exc:
             raise StorageError(f"{what} of s3://{self.bucket}/{key} failed: {exc}") from exc
@@ -125,7 +145,7 @@ class ObjectStore:
             resp = self.client.get_object(Bucket=self.bucket, Key=key)
             return bytes(resp["Body"].read()), str(resp.get("ETag") or "") or None
 
-        return self._request("download", key, call, _MISSING_CODES, (None, None))
+        return self._request("download", key, call, self._absent_codes(), (None, None))
 
     def put_json_if(self, key: str, obj: Any, etag: str | None) -> bool:
         """Write ``obj`` only if the object is still as we read it: absent (``etag`` None:
@@ -140,6 +160,19 @@ class ObjectStore:
             return True
 
         return self._request("conditional upload", key, call, _CONFLICT_CODES, False)
+
+    def canary(self, prefix: str = "") -> None:
+        """Put, head, get and delete a probe object: the store takes this worker's writes.
+        Raises StorageRefused (fix the settings) or StorageError (away: try again later)."""
+        key = f"{prefix}fleet-probes/canary-{uuid.uuid4().hex}.txt"
+        body = b"diffusion-fleet storage canary"
+        self.put_bytes(key, body, "text/plain")
+        if not self.exists(key):
+            raise StorageRefused(f"s3://{self.bucket}/{key} was written but cannot be found")
+        if self.get_bytes(key) != body:
+            raise StorageRefused(f"s3://{self.bucket}/{key} reads back other bytes")
+        self.delete(key)
+        self.verified = True
 
     def honours_conditional_writes(self, probe_prefix: str = "") -> bool:
         """Probe whether the store refuses a conditional write whose condition fails (S3 since
@@ -170,7 +203,12 @@ class ObjectStore:
             self.client.head_object(Bucket=self.bucket, Key=key)
             return True
 
-        return self._request("check", key, call, _MISSING_CODES, False)
+        return self._request("check", key, call, self._absent_codes(), False)
+
+    def _absent_codes(self) -> frozenset[str]:
+        """Answers to a read that mean "no such object". Once the canary passed, a 403 too: on
+        AWS, reading a missing key without s3:ListBucket answers 403, not 404."""
+        return _MISSING_CODES | {"403", "AccessDenied"} if self.verified else _MISSING_CODES
 
     def delete(self, key: str) -> None:
         self._request("delete", key, lambda: self.client.delete_object(Bucket=self.bucket,
@@ -195,6 +233,16 @@ class ObjectStore:
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
+
+
+def refusal_of(exc: ClientError) -> str | None:
+    """What to fix, when a client error is a refusal (by its code, or by its HTTP status: a
+    HEAD answer has no body, so a wrong secret is a bare 403 and a missing bucket a 404)."""
+    code = _code(exc)
+    if code in _REFUSALS:
+        return _REFUSALS[code]
+    status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+    return _REFUSALS.get(status)
 
 
 def _json_bytes(obj: Any) -> bytes:

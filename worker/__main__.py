@@ -7,7 +7,10 @@ import json
 import socket
 import sys
 
+import redis
+
 from fleet.settings import WorkerSettings
+from worker.ops.gate import read_state
 from worker.ops.heartbeat import alive_nodes, read_info
 
 
@@ -34,6 +37,17 @@ def main(argv: list[str] | None = None) -> int:
         if not nodes:
             print("unhealthy: no fresh worker heartbeat", file=sys.stderr)
             return 1
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+        try:  # the state as the worker published it last, fresher than its last heartbeat
+            nodes = [{**n, **read_state(client, n["node"])} for n in nodes]
+        finally:
+            client.close()
+        unable = [n for n in nodes if n.get("state") != "ready"]
+        if unable:
+            for n in unable:
+                print(f"unhealthy: {n['node']} is {n.get('state')}: {n.get('reason')}",
+                      file=sys.stderr)  # fmt: skip
+            return 2 if any(n.get("state") == "broken" for n in unable) else 1
         print("healthy: " + ", ".join(n["node"] for n in nodes))
         return 0
     if args.command == "status":

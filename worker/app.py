@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.exceptions import TimeLimitExceeded
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
+    celeryd_after_setup,
     task_failure,
     task_revoked,
     worker_process_init,
@@ -22,6 +25,7 @@ from fleet.celeryconf import celery_config, make_celery
 from fleet.contract import TASK_GENERATE, WEBHOOK_QUEUE
 from fleet.errors import JobExpired
 from fleet.settings import WorkerSettings
+from worker.ops import gate
 from worker.ops.heartbeat import Heartbeat
 from worker.ops.transport import LeaseKeeper
 
@@ -61,7 +65,9 @@ def worker_config(settings: WorkerSettings) -> dict[str, Any]:
 
 def create_app(settings: WorkerSettings | None = None) -> Celery:
     settings = settings or WorkerSettings()
-    return make_celery("fleet", settings, **worker_config(settings))
+    app = make_celery("fleet", settings, **worker_config(settings))
+    app.steps["consumer"].add(gate.HoldJobQueues)  # no job is fetched before the gate opens
+    return app
 
 
 app = create_app()
@@ -97,19 +103,30 @@ def _runs_tasks_in_this_process(consumer: Any) -> bool:
 
 
 def _warm_up() -> None:
+    """Load the pipeline and run the storage canary in a thread, then publish whether this
+    worker can take jobs (the gate in the main process opens the job queues on "ready")."""
     settings = WorkerSettings()
-    if not settings.warmup or not settings.model:
+    node = gate.node_name()
+    if not node:
+        return  # not started by `celery worker` (no main process holding queues)
+
+    def check() -> None:
+        from worker import runtime
+
+        load = runtime.get_engine().setup if settings.warmup and settings.model else None
+        gate.check_readiness(runtime.get_redis(), node, load, runtime.verify_storage)
+
+    threading.Thread(target=check, name="fleet-warmup", daemon=True).start()
+
+
+@celeryd_after_setup.connect
+def _make_gate(sender: str | None = None, **_: Any) -> None:
+    """In the main process, before the pool forks: the gate that holds the job queues."""
+    if not sender:
         return
-
-    def load() -> None:
-        from worker.runtime import get_engine
-
-        try:
-            get_engine().setup()
-        except Exception:  # the first job reports the same error with its own id
-            log.exception("warm-up failed")
-
-    threading.Thread(target=load, name="fleet-warmup", daemon=True).start()
+    os.environ[gate.NODE_ENV] = sender
+    client = redis.Redis.from_url(WorkerSettings().redis_url, socket_timeout=5)
+    gate.GATE = gate.Gate(client)
 
 
 _heartbeat: Heartbeat | None = None
@@ -122,14 +139,19 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     global _heartbeat
     settings = WorkerSettings()
     queues = sorted(q.name for q in sender.task_consumer.queues) if sender is not None else []
+    held = gate.GATE.held if gate.GATE is not None else []
+    queues = sorted(set(queues) | set(held))
     _heartbeat = Heartbeat(
         settings.redis_url,
         sender.hostname if sender is not None else "unknown",
         queues,
         settings.heartbeat_interval_s,
         settings.heartbeat_ttl_s,
+        status=gate.GATE.status if gate.GATE is not None else None,
     )
     _heartbeat.start()
+    if gate.GATE is not None:
+        gate.GATE.start()
     if sender is not None:
         global _leases
         _leases = LeaseKeeper(sender, max(1.0, settings.visibility_timeout_s / 4))

@@ -27,6 +27,7 @@ _runner: JobRunner | None = None
 _redis: redis.Redis | None = None
 _store: ObjectStore | None = None
 _info: InfoPublisher | None = None
+_storage_verified = False
 
 
 def get_settings() -> WorkerSettings:
@@ -82,8 +83,21 @@ def get_runner() -> JobRunner:
             from worker.engine.batcher import Batcher
 
             batcher = Batcher(engine, settings.batch_size, settings.batch_wait_s)
-        _runner = JobRunner(settings, engine, ObjectStore(settings), batcher)
+        store = ObjectStore(settings)
+        store.verified = _storage_verified
+        _runner = JobRunner(settings, engine, store, batcher)
     return _runner
+
+
+def verify_storage() -> None:
+    """The storage canary (put, head, get, delete of a probe key); raises StorageRefused or
+    StorageError. Once it passed, this process's stores read a 403 as "no such object"."""
+    global _storage_verified
+    get_store().canary(get_settings().s3_prefix)
+    _storage_verified = True
+    for store in (get_store(), _runner.store if _runner is not None else None):
+        if store is not None:
+            store.verified = True
 
 
 def publish_worker_info(node: str) -> None:

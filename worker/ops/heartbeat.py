@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -29,9 +30,12 @@ class Heartbeat(Periodic):
     name = "fleet-heartbeat"
 
     def __init__(
-        self, redis_url: str, node: str, queues: list[str], interval_s: float, ttl_s: int
-    ) -> None:
+        self, redis_url: str, node: str, queues: list[str], interval_s: float, ttl_s: int,
+        status: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(interval_s)
+        #: Whether the worker can take jobs (the gate's state and reason), in every beat.
+        self.status = status
         self.client = redis.Redis.from_url(redis_url, socket_timeout=5)
         self.node = node
         self.queues = queues
@@ -52,6 +56,7 @@ class Heartbeat(Periodic):
             "pid": os.getpid(),
             "queues": self.queues,
             "at": time.time(),
+            **(self.status() if self.status is not None else {"state": "ready"}),
         }
         self.client.set(HEARTBEAT_KEY.format(node=self.node), json.dumps(value), ex=self.ttl_s)
 
