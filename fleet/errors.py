@@ -74,6 +74,18 @@ class StorageRefused(FleetError):
     disposition = "worker"
 
 
+class BrokerUnavailable(FleetError):
+    """Redis cannot be reached (down, wrong host or port); trying again later can help."""
+
+    disposition = "transient"
+
+
+class BrokerRefused(FleetError):
+    """Redis refuses this client (no password, or a wrong one): fix FLEET_REDIS_URL."""
+
+    disposition = "worker"
+
+
 class StorageUnavailable(FleetError):
     """Storage stayed unreachable longer than the worker's retry window; the job failed."""
 

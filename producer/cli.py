@@ -12,11 +12,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fleet.contract import SCHEDULERS, JobStatus
-from fleet.errors import FleetError, JobValidationError
+from fleet.errors import BrokerRefused, BrokerUnavailable, FleetError, JobValidationError
 from fleet.settings import ProducerSettings
 from producer.client import Client
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_BROKER = 0, 1, 2, 3, 4
 #: Up to this many jobs, `wait` shows one progress bar per job; above, one bar for all.
 MAX_JOB_BARS = 20
 
@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     except TimeoutError as exc:
         err.print(f"[yellow]timeout:[/yellow] {exc}")
         return EXIT_TIMEOUT
+    except (BrokerRefused, BrokerUnavailable) as exc:
+        err.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        return EXIT_BROKER
     except FleetError as exc:
         err.print(f"[red]error:[/red] {exc}")
         return EXIT_FAILED

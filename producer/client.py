@@ -15,6 +15,7 @@ import redis
 from celery.result import AsyncResult
 
 from fleet import contract
+from fleet.brokers import translating
 from fleet.celeryconf import make_celery
 from fleet.contract import JobResult, JobSpec, JobStatus, validate_job
 from fleet.errors import DuplicateJobError, FleetError, JobFailed, JobValidationError
@@ -22,6 +23,8 @@ from fleet.settings import ProducerSettings
 from fleet.storage import ObjectStore
 
 log = logging.getLogger(__name__)
+#: Redis failures leave the client's methods as BrokerRefused / BrokerUnavailable (FleetError).
+_redis_errors = translating(lambda client: client.settings.redis_url)
 
 #: Queued jobs get their place in line only while their queue holds at most this many messages
 #: (counting reads every message; a deeper queue is not scanned).
@@ -111,6 +114,7 @@ class Client:
     def queue_for(self, spec: JobSpec) -> str:
         return contract.queue_for(spec.model, self.settings.model_routes, self.settings.queue)
 
+    @_redis_errors
     def submit(
         self,
         job: JobSpec | dict[str, Any],
@@ -124,6 +128,7 @@ class Client:
         """
         return self.submit_many([job], deadline_s=deadline_s, priority=priority)[0]
 
+    @_redis_errors
     def submit_many(
         self,
         jobs: Iterable[JobSpec | dict[str, Any]],
@@ -187,6 +192,7 @@ class Client:
 
     # -- following ------------------------------------------------------------------------------
 
+    @_redis_errors
     def status(self, job_id: str) -> JobStatus:
         """The job's state. Celery says PENDING for ids it does not know or whose results
         expired, so a PENDING job is looked up in S3 (its manifest) before it reads as queued;
@@ -258,6 +264,7 @@ class Client:
                 ahead += 1
         return positions
 
+    @_redis_errors
     def with_queue_positions(self, statuses: list[JobStatus]) -> list[JobStatus]:
         """The same statuses, queued ones with their place in line (``ahead``) where their queue
         is shallow enough to count (POSITION_SCAN_LIMIT)."""
@@ -293,6 +300,7 @@ class Client:
             record.url = self.store.presign_get(record.key)
         return result
 
+    @_redis_errors
     def wait(
         self,
         job_ids: list[str],
@@ -333,6 +341,7 @@ class Client:
 
     # -- replay ---------------------------------------------------------------------------------
 
+    @_redis_errors
     def replay(self, source: str, index: int | None = None) -> JobHandle:
         """Submit a stored recipe again as a new job: a manifest's S3 key or a local file.
 
@@ -361,6 +370,7 @@ class Client:
 
     # -- the fleet at a glance ------------------------------------------------------------------
 
+    @_redis_errors
     def stats(self, inspect_timeout: float = 1.0) -> dict[str, Any]:
         """Queue depths and live workers (heartbeats) with their device and current jobs."""
         workers: dict[str, dict[str, Any]] = {}
@@ -398,6 +408,7 @@ class Client:
 
     # -- cancelling -----------------------------------------------------------------------------
 
+    @_redis_errors
     def cancel(self, job_id: str) -> None:
         """Cancel a job: a queued job never generates, a running one stops at its next step.
 
@@ -410,6 +421,7 @@ class Client:
 
     # -- failures ---------------------------------------------------------------------------
 
+    @_redis_errors
     def failed(self, limit: int | None = None, include_retried: bool = False) -> list[dict]:
         """Failed jobs, from the durable failure index in S3, the failures kept in Redis while
         storage was down, and the dead letters (queue entries no worker could run); newest
@@ -431,10 +443,12 @@ class Client:
         entries.sort(key=lambda e: str(e.get("failed_at") or ""), reverse=True)
         return entries[:limit] if limit else entries
 
+    @_redis_errors
     def dead_letters(self) -> list[dict[str, Any]]:
         """Queue entries workers could not run, with why (newest first, the newest 1,000)."""
         return [json.loads(raw) for raw in self.redis.lrange(contract.DEAD_LETTERS_KEY, 0, -1)]
 
+    @_redis_errors
     def retry(self, job_id: str) -> JobHandle:
         """Submit a failed job again, with the recipe its manifest recorded, as a new job
         ``<job_id>.r<N>``. A new id, because workers remember revoked and expired task ids and

@@ -9,6 +9,7 @@ import sys
 
 import redis
 
+from fleet.brokers import broker_error
 from fleet.settings import WorkerSettings
 from worker.ops.gate import read_state
 from worker.ops.heartbeat import alive_nodes, read_info
@@ -31,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "check":
         host = None if args.any_host or args.node else socket.gethostname()
-        nodes = alive_nodes(settings.redis_url, host)
+        try:
+            nodes = alive_nodes(settings.redis_url, host)
+        except redis.RedisError as exc:
+            print(f"unhealthy: {broker_error(exc, settings.redis_url) or exc}", file=sys.stderr)
+            return 1
         if args.node:
             nodes = [n for n in nodes if n["node"] == args.node]
         if not nodes:

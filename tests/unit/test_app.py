@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from types import SimpleNamespace
 
 from fleet.contract import TASK_GENERATE
 from fleet.settings import WorkerSettings
@@ -68,7 +69,7 @@ def test_a_threads_pool_worker_generates_through_one_batcher_thread(monkeypatch)
     (tasks on its main thread) calls the engine directly."""
     from worker import runtime
 
-    monkeypatch.setattr(runtime, "ObjectStore", lambda settings: "store")
+    monkeypatch.setattr(runtime, "ObjectStore", lambda settings: SimpleNamespace(verified=False))
     monkeypatch.setattr(runtime, "_settings", WorkerSettings(_env_file=None))
     monkeypatch.setattr(runtime, "_engine", "engine")
     monkeypatch.setattr(runtime, "_runner", None)
