@@ -218,6 +218,9 @@ class Client:
                 return from_store
             if self.redis.exists(contract.CANCEL_KEY.format(job_id=job_id)):
                 return _ended(job_id, "cancelled", "cancelled before it started", "JobCancelled")
+            if "expired" in str(res.result):  # the worker's record of it may follow a moment later
+                return _ended(job_id, "failed", "expired: not started before its deadline",
+                              "JobExpired")  # fmt: skip
             return _ended(job_id, "failed", f"revoked: {res.result}", "JobRevoked")
         if state in _RUNNING_STATES:
             info = res.info if isinstance(res.info, dict) else {}

@@ -165,8 +165,8 @@ def test_a_worker_on_two_queues_serves_them_in_turn(start_worker, fleet_env: dic
     queue_of = {j: q for q, js in ids.items() for j in js}
     served = [queue_of[j] for j in order]
     # In turn, not all of the first queue before the second: no queue is served more than
-    # twice in a row (the reserved message of a prefetching worker may come from either).
-    assert served[:4].count(q1) == 2 and served[:4].count(q2) == 2, served
+    # twice in a row (the gate adds the queues back one by one, and the reserved message of a
+    # prefetching worker may come from either).
     runs = [len(list(group)) for _, group in itertools.groupby(served)]
     assert max(runs) <= 2, served
     for q in (q1, q2):  # first in, first out within each queue

@@ -71,6 +71,12 @@ def kill_pool_child_mid_job(w: WorkerProcess, seen: int, job_id: str | None = No
     )
 
 
+def worker_is_ready(w: WorkerProcess) -> bool:
+    check = subprocess.run([sys.executable, "-m", "worker", "check", "--node", w.node],
+                           env=w.env, capture_output=True, text=True)  # fmt: skip
+    return check.returncode == 0
+
+
 def objects_of(store, job_id: str) -> list[str]:  # type: ignore[no-untyped-def]
     return sorted(store.list_keys(contract.job_prefix(job_id)))
 
@@ -212,6 +218,8 @@ def test_deadline_passed_job_is_not_started_is_recorded_and_can_be_retried(
     start_worker("deadline", queues=queue)
     st = late.wait(timeout=60)
     assert st.state == "failed" and "deadline" in (st.result.error or "")
+    wait_until(lambda: late.job_id in {e["job_id"] for e in qclient.failed()}, 30,
+               "the expiry recorded in storage")  # fmt: skip
     failed = subprocess.run([sys.executable, "-m", "producer", "failed", "--json"],
                             env=fleet_env, capture_output=True, text=True)  # fmt: skip
     assert late.job_id in [e["job_id"] for e in json.loads(failed.stdout)]
@@ -305,6 +313,8 @@ def test_storage_down_past_the_retry_window_fails_with_a_recorded_reason(
     w = WorkerProcess(f"s3gone-{uuid.uuid4().hex[:4]}@localhost", env, tmp_path / "w.log")
     try:
         w.start()
+        # Storage goes away after the worker took it (its canary passed: it consumes jobs).
+        wait_until(lambda: worker_is_ready(w), 90, "the worker ready")
         with Client(ProducerSettings(_env_file=None, **settings_kwargs(env))) as c:
             services.s3.kill()
             spec = job(steps=2)

@@ -188,7 +188,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         }
         log.error("dead-lettered an entry of queue %s that no worker can run: %s", queue, reason)
         try:
-            with self.client.pipeline(transaction=False) as pipe:
+            with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
                 pipe.lpush(contract.DEAD_LETTERS_KEY, json.dumps(entry))
                 pipe.ltrim(contract.DEAD_LETTERS_KEY, 0, contract.DEAD_LETTERS_MAX - 1)
                 pipe.execute()
@@ -203,7 +203,10 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             # the order it got them (kombu restores newest first, each to the front).
             now = time.time() - len(tags) * 1e-3
             scores = {tag: now + i * 1e-3 for i, tag in enumerate(tags)}
-            self.client.zadd(self.unacked_index_key, scores, xx=True)
+            # A client of its own from the pool: the channel's ``client`` owns the connection
+            # of the pending BRPOP, whose reply (a message) another command would swallow.
+            with self.conn_or_acquire() as client:
+                client.zadd(self.unacked_index_key, scores, xx=True)
         return len(tags)
 
 
