@@ -389,10 +389,10 @@ def test_cli_run_passes_env_and_exit_code(tmp_path: Path) -> None:
 
 def test_cli_run_forwards_sigterm(tmp_path: Path) -> None:
     script = (
-        "import signal, sys, time;"
+        "import signal, sys;"
         "signal.signal(signal.SIGTERM, lambda *a: sys.exit(42));"
         "print('ready', flush=True);"
-        "time.sleep(60)"
+        "signal.pause()"
     )
     proc = _cli("run", "--workdir", str(tmp_path), "--", sys.executable, "-c", script)
     assert proc.stdout is not None
@@ -463,10 +463,10 @@ def test_cli_run_ctrl_c_in_a_terminal_stops_cmd_and_the_services(tmp_path: Path)
     services stop and nothing is left running."""
     workdir = tmp_path / "svc"
     script = (
-        "import os, signal, sys, time;"
+        "import os, signal, sys;"
         "signal.signal(signal.SIGINT, lambda *a: sys.exit(42));"
         "print('ready', os.environ['FLEET_REDIS_URL'], flush=True);"
-        "time.sleep(60)"
+        "signal.pause()"
     )
     primary, secondary = pty.openpty()
 
