@@ -71,3 +71,43 @@ def translating(url_of: Callable[[Any], str]) -> Callable[[_F], _F]:
         return inner  # type: ignore[return-value]
 
     return wrap
+
+
+def redis_config_problems(client: redis.Redis) -> list[str]:
+    """What in this Redis's configuration can lose the fleet's keys (empty: nothing).
+
+    Read from INFO, which managed services answer where they refuse CONFIG: an eviction policy
+    other than ``noeviction`` (``volatile-*`` drops claims and results, which carry a TTL;
+    ``allkeys-*`` drops queued jobs), and neither AOF nor RDB snapshots (a restart empties it)."""
+    problems = []
+    memory = client.info("memory")
+    policy = str(memory.get("maxmemory_policy", "noeviction"))
+    if policy != "noeviction":
+        drops = "queued jobs, claims and results" if policy.startswith("allkeys") else (
+            "job claims, progress and results (the keys with a TTL)")  # fmt: skip
+        problems.append(f"maxmemory-policy is {policy}: when memory fills, Redis drops {drops};"
+                        " set maxmemory-policy noeviction")  # fmt: skip
+    persistence = client.info("persistence")
+    if not int(persistence.get("aof_enabled", 0)):
+        try:
+            save = str(client.config_get("save").get("save", ""))
+        except redis.ResponseError:  # CONFIG refused (a managed service): cannot tell
+            save = "unknown"
+        if not save.strip():
+            problems.append("persistence is off (no AOF, no RDB snapshots): a restart loses "
+                            "every queued job; set appendonly yes")  # fmt: skip
+    return problems
+
+
+def check_redis_config(client: redis.Redis, url: str, mode: str) -> list[str]:
+    """Raise BrokerMisconfigured for a Redis that can lose the fleet's keys, unless ``mode`` is
+    ``warn`` (FLEET_REDIS_CHECK): then return the problems for the caller to log."""
+    from fleet.errors import BrokerMisconfigured
+
+    problems = redis_config_problems(client)
+    if problems and mode != "warn":
+        raise BrokerMisconfigured(
+            f"Redis at {masked(url)}: " + "; ".join(problems)
+            + " (or accept the risk with FLEET_REDIS_CHECK=warn)"
+        )
+    return problems

@@ -100,6 +100,26 @@ class GenerationError(FleetError):
     """The pipeline failed while generating a job's images."""
 
 
+class PipelineBroken(FleetError):
+    """The pipeline or its device fails even on the worker's own self-test (a CUDA error that
+    persists, a model whose parts do not fit): no job can succeed here, so the worker stops
+    taking jobs and the job goes back to the queue for a healthy worker."""
+
+    disposition = "worker"
+
+
+class SchemaTooNew(FleetError):
+    """The job speaks a newer ``schema_version`` than this worker (a fleet mid-upgrade): the
+    message goes back to its queue for a worker that knows it."""
+
+
+class BrokerMisconfigured(FleetError):
+    """Redis is set up to lose the fleet's keys: an eviction policy other than ``noeviction``,
+    or no persistence. Fix the Redis configuration, or accept it with FLEET_REDIS_CHECK=warn."""
+
+    disposition = "worker"
+
+
 class TooManyDeliveries(FleetError):
     """The job was delivered more times than allowed: its worker died each time it ran it."""
 
@@ -126,6 +146,11 @@ class WebhookError(FleetError):
     """The webhook receiver did not answer 2xx; the delivery is retried with backoff."""
 
     disposition = "transient"
+
+
+class WebhookRefused(FleetError):
+    """The webhook delivery is refused and not retried: the host has a private address, or the
+    receiver answered a redirect (never followed); the same URL would fail again."""
 
 
 class JobFailed(FleetError):

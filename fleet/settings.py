@@ -64,6 +64,11 @@ class RedisGroup(BaseModel):
     visibility_timeout_s: int = Field(
         3600, description="Redis transport visibility timeout; keep equal on all parts."
     )
+    redis_check: Literal["refuse", "warn"] = Field(
+        "refuse",
+        description="Redis that may lose the fleet's keys (maxmemory-policy other than "
+        "noeviction, or no persistence): refuse to start, or only warn.",
+    )
 
     @property
     def backend_url(self) -> str:
@@ -153,6 +158,15 @@ class WorkerGroup(BaseModel):
     )
     max_deliveries: int = Field(
         3, description="A job delivered this many times (its worker died each time) fails."
+    )
+    drain_timeout_s: float = Field(
+        540.0,
+        description="On SIGTERM the running job may finish for this long; then it goes back "
+        "to its queue at once (a cold shutdown) for another worker. Keep it under the "
+        "orchestrator's grace period (compose: stop_grace_period minus 60 s).",
+    )
+    unknown_schema_tries: int = Field(
+        10, description="A job of a newer schema_version is passed on this many times, then fails."
     )
     attention: Literal["sdpa", "default"] = Field(
         "sdpa", description="sdpa: PyTorch scaled_dot_product_attention (AttnProcessor2_0)."

@@ -15,7 +15,7 @@ import redis
 from celery.result import AsyncResult
 
 from fleet import contract
-from fleet.brokers import translating
+from fleet.brokers import check_redis_config, masked, translating
 from fleet.celeryconf import make_celery
 from fleet.contract import JobResult, JobSpec, JobStatus, validate_job
 from fleet.errors import DuplicateJobError, FleetError, JobFailed, JobValidationError
@@ -79,6 +79,7 @@ class Client:
         self.celery = make_celery("fleet-producer", self.settings)
         self._redis: redis.Redis | None = None
         self._store: ObjectStore | None = None
+        self._redis_checked = False
 
     # -- connections, made on first use ---------------------------------------------------------
 
@@ -138,7 +139,18 @@ class Client:
         """Validate every job first (nothing is enqueued if one is bad), then enqueue each."""
         check_priority(priority)
         specs = [self.validate(job) for job in jobs]
+        self.check_redis()
         return [self._enqueue(spec, deadline_s, priority) for spec in specs]
+
+    def check_redis(self) -> None:
+        """Once per client, before its first job: refuse a Redis that can lose the fleet's
+        keys (BrokerMisconfigured), or warn about it with FLEET_REDIS_CHECK=warn."""
+        if self._redis_checked:
+            return
+        url = self.settings.redis_url
+        for problem in check_redis_config(self.redis, url, self.settings.redis_check):
+            log.warning("Redis at %s: %s", masked(url), problem)
+        self._redis_checked = True
 
     def _enqueue(
         self,

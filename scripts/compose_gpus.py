@@ -52,6 +52,9 @@ x-worker-env: &worker-env
   FLEET_RESULT_EXPIRES_S: ${{FLEET_RESULT_EXPIRES_S:-604800}}
   FLEET_VISIBILITY_TIMEOUT_S: ${{FLEET_VISIBILITY_TIMEOUT_S:-3600}}
   FLEET_S3_ENDPOINT_URL: ${{WORKER_S3_ENDPOINT_URL:-http://s3:8333}}
+  # SIGTERM lets the running job finish for this long, then puts it back in its queue at
+  # once: stop_grace_period minus 60 s (scripts/compose-gpus --stop-grace-period sets both).
+  FLEET_DRAIN_TIMEOUT_S: "{drain}"
   FLEET_S3_REGION: ${{FLEET_S3_REGION:-us-east-1}}
   FLEET_S3_ACCESS_KEY_ID: ${{FLEET_S3_ACCESS_KEY_ID:?set it in .env}}
   FLEET_S3_SECRET_ACCESS_KEY: ${{FLEET_S3_SECRET_ACCESS_KEY:?set it in .env}}
@@ -105,8 +108,9 @@ x-worker: &worker
   # tini as PID 1: forwards SIGTERM to celery and reaps the pool children.
   init: true
   restart: unless-stopped
-  # SIGTERM is Celery's warm shutdown: the running job finishes, then the worker exits. Docker
-  # kills after 10 s by default, mid-job; give it as long as the longest job.
+  # SIGTERM is Celery's warm shutdown: the running job finishes, then the worker exits. A job
+  # still running after FLEET_DRAIN_TIMEOUT_S goes back to its queue at once (a cold shutdown),
+  # before Docker's SIGKILL at the end of the grace period.
   stop_signal: SIGTERM
   stop_grace_period: {grace}
   depends_on:
@@ -128,8 +132,10 @@ x-worker: &worker
 services:
   redis:
     image: ${{REDIS_IMAGE:-redis:7-alpine}}
-    # AOF, fsync once a second: queued jobs and results survive a restart.
-    command: ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec"]
+    # AOF, fsync once a second: queued jobs and results survive a restart. noeviction: Redis
+    # full refuses writes rather than drop queued jobs, claims or results (workers check both).
+    command: ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec",
+              "--maxmemory-policy", "noeviction"]
     volumes:
       - redis-data:/data
     # Loopback only, for a producer on this host. Other hosts: docs/operations.md.
@@ -310,6 +316,12 @@ def _flow(argv: list[str]) -> str:
     return "[" + ", ".join(f'"{arg}"' for arg in argv) + "]"
 
 
+def grace_seconds(period: str) -> int:
+    """Seconds of a compose duration such as 10m, 1h30m or 600s."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    return sum(int(n) * units[u] for n, u in re.findall(r"(\d+)([hms])", period))
+
+
 def default_balanced_gpus(gpus: int) -> list[int]:
     """The two GPUs after the pinned workers' ones."""
     return [gpus, gpus + 1]
@@ -329,6 +341,10 @@ def render(
         raise ValueError(f"batch size {batch}: use 1 (no batching) or more")
     if not re.fullmatch(r"(\d+h)?(\d+m)?(\d+s)?", stop_grace_period) or not stop_grace_period:
         raise ValueError(f"stop grace period {stop_grace_period!r}: use e.g. 10m, 1h30m or 600s")
+    grace_s = grace_seconds(stop_grace_period)
+    if grace_s < 90:
+        raise ValueError(f"stop grace period {stop_grace_period!r}: at least 90s (a drain "
+                         "takes the grace period minus 60 s)")  # fmt: skip
     default = default_balanced_gpus(gpus)
     balanced = default if balanced_gpus is None else balanced_gpus
     if not balanced or len(set(balanced)) != len(balanced) or min(balanced) < 0:
@@ -352,6 +368,7 @@ def render(
     )
     body = BODY.format(
         grace=stop_grace_period,
+        drain=grace_s - 60,
         gpu_workers=gpu_workers,
         balanced_command=_flow(worker_argv("fleet.balanced", "balanced")),
         webhooks_command=_flow(WEBHOOKS_ARGV.split()),

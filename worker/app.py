@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from typing import Any
 
@@ -19,6 +20,7 @@ from celery.signals import (
     worker_process_init,
     worker_ready,
     worker_shutdown,
+    worker_shutting_down,
 )
 
 from fleet.celeryconf import celery_config, make_celery
@@ -113,8 +115,11 @@ def _warm_up() -> None:
     def check() -> None:
         from worker import runtime
 
-        load = runtime.get_engine().setup if settings.warmup and settings.model else None
-        gate.check_readiness(runtime.get_redis(), node, load, runtime.verify_storage)
+        warm = bool(settings.warmup and settings.model)
+        load = runtime.get_engine().setup if warm else None
+        self_test = runtime.get_engine().self_test if warm else None
+        gate.check_readiness(runtime.get_redis(), node, load, runtime.verify_storage,
+                             self_test=self_test, redis_check=runtime.check_redis)  # fmt: skip
 
     threading.Thread(target=check, name="fleet-warmup", daemon=True).start()
 
@@ -162,9 +167,31 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
         from worker.ops.metrics import serve
 
         try:
-            serve(settings.metrics_port)
+            serve(settings.metrics_port, settings.redis_url)
         except OSError as exc:
             log.error("cannot serve metrics on port %d: %s", settings.metrics_port, exc)
+
+
+@worker_shutting_down.connect
+def _bound_the_drain(how: str | None = None, **_: Any) -> None:
+    """A warm shutdown (SIGTERM) lets the running job finish, for FLEET_DRAIN_TIMEOUT_S at most;
+    then a cold shutdown puts it back in its queue at once (Celery cancels the unacknowledged
+    job and restores its message), rather than after the visibility timeout, before the
+    orchestrator's SIGKILL. Celery's own worker_soft_shutdown_timeout waits its whole timeout
+    even when the job ends sooner, so the timer is ours and the cold shutdown Celery's."""
+    if how != "Warm":
+        return
+    timeout = WorkerSettings().drain_timeout_s
+
+    def escalate() -> None:
+        log.warning("drain: a job still runs after %.0f s (FLEET_DRAIN_TIMEOUT_S): back to its "
+                    "queue for another worker (cold shutdown)", timeout)  # fmt: skip
+        os.kill(os.getpid(), signal.SIGQUIT)
+
+    timer = threading.Timer(timeout, escalate)
+    timer.daemon = True
+    timer.start()
+    log.info("draining: the running job may finish for %.0f s", timeout)
 
 
 @worker_shutdown.connect

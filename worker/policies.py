@@ -10,6 +10,10 @@ nothing else there decides anything. Each unit:
 - **retry table**: an error's disposition (``fleet.errors``) says whether it retries, for how
   long and with what backoff (:func:`retry_rules`);
 - **storage window**: while S3 is down a job retries with backoff within the window, then fails;
+- **broken worker**: an error that says this worker cannot work (storage refuses it, its pipeline
+  fails its self-test) closes the gate and puts the job back, untouched, for a healthy worker;
+- **newer schema**: a job of a ``schema_version`` this worker does not know goes back to the end
+  of its queue for a worker that knows it (a fleet mid-upgrade), then to the dead letters;
 - **OOM reroute**: out of memory at one image per call sends the job to the fallback queue once;
 - **time limit**: past its soft time limit a job is stopped with a recorded reason;
 - **cancellation**: the durable cancel mark in Redis stops a job before or while it generates;
@@ -27,7 +31,7 @@ from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from fleet import contract
 from fleet.errors import (
@@ -36,6 +40,7 @@ from fleet.errors import (
     FleetError,
     JobTimedOut,
     JobValidationError,
+    SchemaTooNew,
     StorageError,
     StorageUnavailable,
     TooManyDeliveries,
@@ -44,7 +49,7 @@ from fleet.errors import (
 from fleet.settings import WorkerSettings
 from fleet.storage import ObjectStore
 from worker import webhooks
-from worker.ops import metrics
+from worker.ops import gate, metrics
 from worker.records import flush_unstored, record_raw_failure
 from worker.spool import Spool
 
@@ -92,12 +97,15 @@ def disposition_of(error: BaseException) -> Disposition:
 
 
 def webhook_retry_options(settings: WorkerSettings) -> dict[str, Any]:
-    """Celery's own retry options for webhook deliveries (the transient row, for receivers)."""
+    """Celery's own retry options for webhook deliveries (the transient row, for receivers):
+    exponential backoff with full jitter (a random delay up to 1 s, 2 s, 4 s … 300 s), so the
+    deliveries that failed together do not all come back to a receiver at the same second.
+    ``WebhookRefused`` (a private address, a redirect) is not a WebhookError: never retried."""
     return {
         "autoretry_for": (WebhookError,),
         "retry_backoff": 1,
         "retry_backoff_max": 300,
-        "retry_jitter": False,
+        "retry_jitter": True,
         "max_retries": settings.webhook_max_retries,
     }
 
@@ -131,6 +139,29 @@ def with_identity(job: Any, task_id: str) -> Any:
     if isinstance(job, dict) and job.get("job_id") is None:
         return {**job, "job_id": task_id}
     return job
+
+
+# -- newer schema ---------------------------------------------------------------------------
+
+
+def newer_schema(job: Any) -> int | None:
+    """The job's ``schema_version`` when it is a version newer than this worker's."""
+    version = job.get("schema_version") if isinstance(job, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > contract.SCHEMA_VERSION:
+        return version
+    return None
+
+
+def schema_decision(version: int, tries: int, max_tries: int) -> float | SchemaTooNew:
+    """Seconds to wait before the job goes back to the end of its queue, or, after
+    ``max_tries`` workers that did not know its schema, the failure that ends it."""
+    if tries >= max_tries:
+        return SchemaTooNew(
+            f"schema_version {version} is newer than this fleet's workers know (they speak "
+            f"{contract.SCHEMA_VERSION}); {tries + 1} workers passed it on. Upgrade the "
+            "workers, then `producer retry` it (docs/operations.md, upgrades)"
+        )
+    return float(min(2.0**tries, 30.0))
 
 
 # -- delivery cap ---------------------------------------------------------------------------
@@ -235,6 +266,25 @@ def cancel_checker(get_redis: Callable[[], redis.Redis], job: Any) -> Callable[[
     return is_cancelled
 
 
+def dead_letter(client: redis.Redis, task: Task, job: Any, reason: str) -> None:
+    """Keep a job no worker could run in the dead letters (``producer dead-letters``)."""
+    import json
+
+    from datetime import datetime, timezone
+
+    raw = json.dumps({"kwargs": {"job": job}}, default=str)
+    entry = {"queue": (task.request.delivery_info or {}).get("routing_key"),
+             "task_id": task.request.id, "reason": reason, "raw": raw[:4096],
+             "raw_chars": len(raw), "at": datetime.now(timezone.utc).isoformat()}  # fmt: skip
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            pipe.lpush(contract.DEAD_LETTERS_KEY, json.dumps(entry))
+            pipe.ltrim(contract.DEAD_LETTERS_KEY, 0, contract.DEAD_LETTERS_MAX - 1)
+            pipe.execute()
+    except redis.RedisError as exc:
+        log.error("[job=%s] could not keep it in the dead letters: %s", task.request.id, exc)
+
+
 # -- the one place the task calls -----------------------------------------------------------
 
 
@@ -264,6 +314,8 @@ class JobPolicies:
         self.get_store = get_store
         self.rules = retry_rules(settings)
         self._progress: Any = None  # the result backend for PROGRESS states, made on first use
+        #: Why this process can take no job, once it found out while running one.
+        self.broken: str | None = None
 
     def before(self, task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Attempt:
         """Take the job from the message and count the delivery; raises (recorded) when the
@@ -276,6 +328,11 @@ class JobPolicies:
             self.record({"job_id": task_id, "args": list(args), "kwargs": kwargs}, exc)
             self.report_failure(task, {"job_id": task_id}, exc)
             raise
+        if self.broken is not None:  # reserved before the gate closed: back, untouched
+            self.give_back(task, job, self.broken)
+        version = newer_schema(job)
+        if version is not None:
+            self.pass_on_newer_schema(task, job, version)
         retries = request.retries or 0
         delivery_info = request.delivery_info or {}
         deliveries = count_delivery(
@@ -335,6 +392,13 @@ class JobPolicies:
             self.record(job, timeout)
             self.report_failure(task, job, timeout)
             return timeout
+        if disposition_of(error) == "worker":
+            self.broken = f"{type(error).__name__}: {error}"
+            gate.declare_broken(self.get_redis(), gate.node_name(), self.broken)
+            self._uncount_delivery(task)
+            if isinstance(job, dict) and isinstance(job.get("job_id"), str):
+                Spool(self.settings).discard(job["job_id"])
+            self.give_back(task, job, self.broken)
         if isinstance(error, StorageError):
             return self._storage_failure(task, job, error)
         if isinstance(error, DeviceOutOfMemory):
@@ -346,6 +410,45 @@ class JobPolicies:
         if isinstance(error, FleetError):  # the runner recorded it
             self.report_failure(task, job, error)
         return error
+
+    def give_back(self, task: Task, job: Any, reason: str) -> None:
+        """Put the job back at the front of its queue, untouched, for a healthy worker: this
+        worker cannot run it (the reason). It reads as queued again, not as started."""
+        job_id = job.get("job_id") if isinstance(job, dict) else task.request.id
+        log.error("[job=%s] back to its queue for a healthy worker: %s", job_id, reason)
+        try:
+            task.backend.forget(task.request.id)
+        except Exception as exc:
+            log.warning("[job=%s] could not reset its state to queued: %s", job_id, exc)
+        raise Reject(reason, requeue=True)
+
+    def _uncount_delivery(self, task: Task) -> None:
+        key = contract.DELIVERIES_KEY.format(task_id=task.request.id,
+                                             retries=task.request.retries or 0)  # fmt: skip
+        try:
+            self.get_redis().decr(key)
+        except redis.RedisError as exc:
+            log.warning("could not uncount the delivery of %s: %s", task.request.id, exc)
+
+    def pass_on_newer_schema(self, task: Task, job: Any, version: int) -> None:
+        """A fleet mid-upgrade: this worker does not know the job's schema. The job goes to the
+        end of its queue (a retry: the same task id), waiting a little longer each time, for a
+        worker that knows it; after FLEET_UNKNOWN_SCHEMA_TRIES it fails, recorded, and waits in
+        the dead letters."""
+        tries = task.request.retries or 0
+        decision = schema_decision(version, tries, self.settings.unknown_schema_tries)
+        if isinstance(decision, SchemaTooNew):
+            log.error("[job=%s] %s", task.request.id, decision)
+            self.record(job, decision)
+            self.report_failure(task, job, decision)
+            dead_letter(self.get_redis(), task, job, str(decision))
+            raise decision
+        log.warning("[job=%s] schema_version %d is newer than this worker's %d: passed on to "
+                    "another worker in %.0f s (try %d of %d)", task.request.id, version,
+                    contract.SCHEMA_VERSION, decision, tries + 1,
+                    self.settings.unknown_schema_tries)  # fmt: skip
+        time.sleep(decision)  # not a countdown: an ETA message would sit in this worker
+        raise task.retry(countdown=0, max_retries=None)
 
     def _storage_failure(self, task: Task, job: Any, error: StorageError) -> Exception:
         rule = self.rules[disposition_of(error)]

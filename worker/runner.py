@@ -129,6 +129,8 @@ class JobRunner:
             self.record_failure(spec, exc, jlog)
             raise
         except FleetError as exc:
+            if exc.disposition == "worker":
+                raise  # not the job's failure: it goes back to its queue (worker.policies)
             self.record_failure(spec, exc, jlog)
             raise
 

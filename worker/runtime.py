@@ -100,6 +100,18 @@ def verify_storage() -> None:
             store.verified = True
 
 
+def check_redis() -> None:
+    """Refuse (BrokerMisconfigured) a Redis that can lose the fleet's keys, or warn about it
+    with FLEET_REDIS_CHECK=warn."""
+    import logging
+
+    from fleet.brokers import check_redis_config, masked
+
+    settings = get_settings()
+    for problem in check_redis_config(get_redis(), settings.redis_url, settings.redis_check):
+        logging.getLogger(__name__).warning("Redis at %s: %s", masked(settings.redis_url), problem)
+
+
 def publish_worker_info(node: str) -> None:
     """This process's device facts for `python -m worker status`, once its pipeline is loaded
     (throttled: see InfoPublisher)."""

@@ -167,3 +167,50 @@ def test_jobs_with_and_without_a_negative_prompt_share_one_call(engine: Engine) 
     mixed = engine.generate_batch([plain, negative])
     assert [len(g.images) for g in mixed] == [1, 1]
     assert all(g.timings["batch_jobs"] == 2 for g in mixed)
+
+
+def test_an_error_the_job_did_not_cause_is_the_workers_when_the_self_test_fails_too(
+    engine: Engine,
+) -> None:
+    """A ValueError from the pipeline's input checks blames the job; any other error (a CUDA
+    error, a ValueError from deep inside a model) is a GenerationError of that job while the
+    self-test passes, and PipelineBroken (the worker's) once the self-test fails too."""
+    from fleet.errors import GenerationError, JobValidationError, PipelineBroken
+
+    real_pipe = engine.pipe
+
+    class FailingPipe:
+        def __init__(self, failures: int, error: Exception) -> None:
+            self.scheduler = real_pipe.scheduler
+            self.failures, self.error = failures, error
+
+        def __call__(self, **kw):  # type: ignore[no-untyped-def]
+            if self.failures:
+                self.failures -= 1
+                raise self.error
+            real_pipe.scheduler = self.scheduler
+            return real_pipe(**kw)
+
+    cuda = RuntimeError("CUDA error: an illegal memory access was encountered")
+    try:
+        engine.pipe = FailingPipe(1, cuda)  # once: the device works again for the self-test
+        with pytest.raises(GenerationError, match="not over a field of the job") as once:
+            engine.generate(job())
+        assert not isinstance(once.value, PipelineBroken)
+        engine.pipe = FailingPipe(2, cuda)  # the self-test fails as well: a broken device
+        with pytest.raises(PipelineBroken, match="fails even on its self-test") as broken:
+            engine.generate(job())
+        assert broken.value.disposition == "worker" and "illegal memory access" in str(
+            broken.value
+        )
+        engine.pipe = FailingPipe(1, ValueError("Sequence length must be less than 77"))
+        with pytest.raises(GenerationError) as deep:  # raised outside the input checks
+            engine.generate(job())
+        assert not isinstance(deep.value, JobValidationError)
+    finally:
+        engine.pipe = real_pipe
+    # The pipeline's own input checks still blame the job, naming what it refused.
+    with pytest.raises(JobValidationError, match="the pipeline refused it"):
+        engine.generate(validate_job({"prompt": "a fox", "width": 64, "height": 64, "steps": 3,
+                                      "negative_prompt": "x"}).model_copy(
+                                          update={"width": 65}))  # fmt: skip

@@ -65,6 +65,10 @@ class FakeRedis:
     def delete(self, key: str) -> int:
         return int(self.data.pop(key, None) is not None)
 
+    def decr(self, key: str) -> int:
+        self.data[key] = str(int(self.data.get(key, b"0")) - 1).encode()
+        return int(self.data[key])
+
     def lpush(self, key: str, value: str) -> FakeRedis:
         self.data.setdefault(key, []).insert(0, value)
         return self
@@ -94,6 +98,8 @@ class FakeTask:
             id="task-1", retries=retries, delivery_info={"routing_key": queue}, hostname="n@h"
         )
         self.app = SimpleNamespace(send_task=self._send)
+        self.forgotten: list[str] = []
+        self.backend = SimpleNamespace(forget=self.forgotten.append)
         self.sent: list[tuple[str, dict[str, Any]]] = []
         self.retried: dict[str, Any] | None = None
 
@@ -269,3 +275,72 @@ def test_worker_facts_are_published_first_then_on_change_at_most_once_per_interv
     assert pub.due({"device": "cuda:0"}, now=11.0)
     assert not pub.due(facts, now=50.0)  # unchanged: only the hourly refresh
     assert pub.due(facts, now=101.0)
+
+
+# -- a broken worker and a newer schema -----------------------------------------------------
+
+
+def test_a_worker_error_puts_the_job_back_untouched_and_closes_the_gate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Storage refusing the credentials, or a pipeline failing its self-test, mid-run: the
+    job is not failed or recorded but rejected back to its queue, its delivery uncounted and
+    its state reset to queued; this worker's state turns broken; and a job it reserved
+    meanwhile goes back before it is counted or run."""
+    from celery.exceptions import Reject
+
+    from fleet.errors import PipelineBroken, StorageRefused
+    from worker.ops import gate
+
+    r = FakeRedis()
+    recorded: list[Any] = []
+    monkeypatch.setenv(gate.NODE_ENV, "n@h")
+    p = policies.JobPolicies(settings(), lambda: r, lambda: None)  # type: ignore[arg-type,return-value]
+    monkeypatch.setattr(p, "record", lambda job, exc: recorded.append(exc))
+    for error in (StorageRefused("403 SignatureDoesNotMatch: fix FLEET_S3_SECRET_ACCESS_KEY"),
+                  PipelineBroken("the pipeline fails even on its self-test")):  # fmt: skip
+        p.broken = None
+        task = FakeTask()
+        key = contract.DELIVERIES_KEY.format(task_id="task-1", retries=0)
+        r.data[key] = b"1"
+        with pytest.raises(Reject) as rejected:
+            p.after_failure(task, {"job_id": "task-1"}, error, 1.0)  # type: ignore[arg-type]
+        assert rejected.value.requeue and str(error) in str(rejected.value.reason)
+        assert r.data[key] == b"0" and task.forgotten == ["task-1"] and not recorded
+        state = json.loads(r.data[contract.WORKER_STATE_KEY.format(node="n@h")])
+        assert state["state"] == "broken" and str(error) in state["reason"]
+        # A job reserved before the gate closed: back again, before its delivery is counted.
+        r.data.pop(key)
+        with pytest.raises(Reject):
+            p.before(task, (), {"job": {"job_id": "task-1", "prompt": "x"}})  # type: ignore[arg-type]
+        assert key not in r.data and not task.sent
+
+
+def test_a_job_of_a_newer_schema_is_passed_on_then_dead_lettered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fleet.errors import SchemaTooNew
+
+    r = FakeRedis()
+    failed: list[Any] = []
+    slept: list[float] = []
+    p = policies.JobPolicies(settings(unknown_schema_tries=3), lambda: r, lambda: None)  # type: ignore[arg-type,return-value]
+    monkeypatch.setattr(p, "record", lambda job, exc: failed.append(exc))
+    monkeypatch.setattr(policies.time, "sleep", slept.append)
+    job = {"schema_version": contract.SCHEMA_VERSION + 1, "job_id": "task-1", "prompt": "x"}
+    assert policies.newer_schema(job) == contract.SCHEMA_VERSION + 1
+    assert policies.newer_schema({**job, "schema_version": contract.SCHEMA_VERSION}) is None
+    assert policies.newer_schema({**job, "schema_version": True}) is None
+    for tries in range(3):  # to the end of its queue, a little later each time, not failed
+        task = FakeTask(retries=tries)
+        with pytest.raises(RuntimeError, match="retry"):
+            p.before(task, (), {"job": job})  # type: ignore[arg-type]
+        assert task.retried == {"countdown": 0, "max_retries": None} and not failed
+    assert slept == [1.0, 2.0, 4.0]
+    task = FakeTask(retries=3)
+    with pytest.raises(SchemaTooNew, match="newer than this fleet's workers know"):
+        p.before(task, (), {"job": job})  # type: ignore[arg-type]
+    assert len(failed) == 1 and isinstance(failed[0], SchemaTooNew)
+    [letter] = [json.loads(x) for x in r.data[contract.DEAD_LETTERS_KEY]]
+    assert letter["task_id"] == "task-1" and "schema_version" in letter["reason"]
+    assert json.loads(letter["raw"])["kwargs"]["job"] == job

@@ -16,7 +16,14 @@ import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
 from fleet.contract import JobSpec
-from fleet.errors import DeviceOutOfMemory, GenerationError, JobCancelled, JobValidationError
+from fleet.errors import (
+    DeviceOutOfMemory,
+    FleetError,
+    GenerationError,
+    JobCancelled,
+    JobValidationError,
+    PipelineBroken,
+)
 from fleet.settings import WorkerSettings
 from worker.engine.placement import Placement
 from worker.engine.speed import apply_speed_settings
@@ -36,6 +43,22 @@ SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 StepCallback = Callable[[int, int], None]
+
+#: Where diffusers checks a call's inputs: a ValueError raised there is the job's fault.
+_INPUT_CHECKS = ("check_inputs", "__call__")
+
+
+def raised_by_input_checks(exc: BaseException) -> bool:
+    """Whether a ValueError came from a diffusers pipeline's own input checks (``check_inputs``
+    or the pipeline's ``__call__``), rather than from deeper inside (a model's forward pass)."""
+    import traceback
+
+    frames = list(traceback.walk_tb(exc.__traceback__))
+    if not frames:
+        return False
+    frame = frames[-1][0]  # where it was raised
+    module = str(frame.f_globals.get("__name__", ""))
+    return frame.f_code.co_name in _INPUT_CHECKS and module.startswith("diffusers.pipelines")
 
 
 @dataclass
@@ -103,6 +126,16 @@ class Engine:
             self.pipe(**self.batch_kwargs([spec]))
         log.info("compiled and warmed up in %.1f s", time.perf_counter() - started)
 
+    def self_test(self) -> None:
+        """Generate one small image with two steps, as a job would; raises when the pipeline or
+        its device cannot (parts that do not fit each other, a device in a failed state)."""
+        self.setup()
+        side = max(64, 8 * int(getattr(self.pipe, "vae_scale_factor", 8) or 8))
+        spec = JobSpec(prompt="self-test", width=side, height=side, steps=2, guidance=1.0)
+        self.pipe.scheduler = self.scheduler_for("default")
+        with torch.inference_mode():
+            self.pipe(**self.batch_kwargs([spec]))
+
     def describe(self) -> dict[str, Any]:
         """What this worker is: host, device, dtype, versions (for manifests and status)."""
         import diffusers
@@ -156,11 +189,13 @@ class Engine:
                 f"{specs[0].width}x{specs[0].height} in one call: {exc}"
             ) from exc
         except ValueError as exc:
-            # diffusers raises ValueError for inputs this model cannot take (e.g. a size).
+            if not raised_by_input_checks(exc):
+                raise self._worker_or_job_failure(exc) from exc
+            # The pipeline's own input checks: this model cannot take the job (e.g. a size).
             ids = ", ".join(s.job_id for s in specs)
             raise JobValidationError([("job", ids, f"the pipeline refused it: {exc}")]) from exc
         except Exception as exc:
-            raise GenerationError(f"generation failed: {type(exc).__name__}: {exc}") from exc
+            raise self._worker_or_job_failure(exc) from exc
         elapsed = time.perf_counter() - started
         images = list(out.images)
         per_job = specs[0].images
@@ -177,6 +212,25 @@ class Engine:
             )
             for i, spec in enumerate(specs)
         ]
+
+    def _worker_or_job_failure(self, exc: BaseException) -> FleetError:
+        """An error the job's fields did not cause (a CUDA error, a model whose parts do not
+        fit): the worker's, when its self-test fails too (PipelineBroken: the job goes back to
+        its queue and this worker stops taking jobs); else this job's alone (GenerationError)."""
+        what = f"{type(exc).__name__}: {str(exc)[:500]}"
+        try:
+            self.self_test()
+        except Exception as again:
+            log.error("the pipeline fails its self-test after %s: %s", what, again)
+            return PipelineBroken(
+                f"the pipeline fails even on its self-test ({type(again).__name__}: "
+                f"{str(again)[:300]}) after {what}: restart the worker; if it persists, check "
+                "the device (nvidia-smi, the kernel log) and the model's files"
+            )
+        return GenerationError(
+            f"generation failed inside the pipeline, not over a field of the job ({what}); "
+            "the worker's self-test passes, so other jobs go on"
+        )
 
     def release_memory(self) -> None:
         """Give cached GPU memory back after an interrupted generation."""

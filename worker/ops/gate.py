@@ -10,6 +10,10 @@ How:
 - **Open** (a thread of the main process): once the state reads ``ready``, the held queues are
   added back with Celery's own ``add_consumer`` control command. A broken worker stays up,
   consumes nothing, logs why, and its heartbeat carries the reason to ``python -m worker check``.
+- **Close** (the same thread): a worker found broken while it runs (storage starts refusing
+  its credentials, the device or pipeline fails its self-test) publishes ``broken`` from
+  wherever it found out (:func:`declare_broken`); the gate then cancels its job queues with
+  ``cancel_consumer``, and the job that found out goes back to its queue untouched.
 
 Raising in ``worker_process_init`` instead would make billiard respawn the child in a loop; a
 plain synchronous load would still let the main process reserve a message meanwhile.
@@ -28,7 +32,7 @@ import redis
 from celery import bootsteps
 
 from fleet.contract import WEBHOOK_QUEUE, WORKER_STATE_KEY
-from fleet.errors import StorageError, StorageRefused
+from fleet.errors import FleetError, StorageError, StorageRefused
 from worker.ops.periodic import Periodic
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,13 @@ def read_state(client: redis.Redis, node: str) -> dict[str, Any]:
     return dict(json.loads(raw)) if raw else {"state": STARTING, "reason": "not reported yet"}
 
 
+def declare_broken(client: redis.Redis | None, node: str, reason: str) -> None:
+    """This worker can take no job until it is fixed: say why, and close the gate."""
+    log.error("this worker takes no jobs: %s", reason)
+    if client is not None and node:
+        publish_state(client, node, BROKEN, reason)
+
+
 def check_readiness(
     client: redis.Redis,
     node: str,
@@ -61,16 +72,29 @@ def check_readiness(
     canary: Callable[[], None],
     sleep: Callable[[float], None] = time.sleep,
     max_backoff_s: float = 30.0,
+    self_test: Callable[[], None] | None = None,
+    redis_check: Callable[[], None] | None = None,
 ) -> str:
-    """Load the model, pass the storage canary, and publish the outcome; returns the state."""
+    """Check Redis's settings, load the model, generate a self-test image, pass the storage
+    canary, and publish the outcome; returns the state."""
     publish_state(client, node, STARTING, "loading the model")
+    if redis_check is not None:
+        try:
+            redis_check()
+        except FleetError as exc:
+            declare_broken(client, node, f"Redis would lose the fleet's keys: {exc}")
+            return BROKEN
     if load_model is not None:
         try:
             load_model()
         except Exception as exc:
-            reason = f"the model cannot load: {exc} (fix FLEET_MODEL, or the hub token and network)"
-            log.error("this worker takes no jobs: %s", reason)
-            publish_state(client, node, BROKEN, reason)
+            declare_broken(client, node, f"the model cannot load: {exc} ({_load_hint(exc)})")
+            return BROKEN
+    if self_test is not None:
+        try:
+            self_test()
+        except Exception as exc:
+            declare_broken(client, node, f"the pipeline fails its self-test: {exc}")
             return BROKEN
     delay = 1.0
     while True:
@@ -78,9 +102,7 @@ def check_readiness(
             canary()
             break
         except StorageRefused as exc:
-            reason = f"storage refuses this worker: {exc}"
-            log.error("this worker takes no jobs: %s", reason)
-            publish_state(client, node, BROKEN, reason)
+            declare_broken(client, node, f"storage refuses this worker: {exc}")
             return BROKEN
         except StorageError as exc:
             reason = f"storage unreachable, trying again in {delay:.0f} s: {exc}"
@@ -91,6 +113,14 @@ def check_readiness(
     publish_state(client, node, READY)
     log.info("ready: the model is loaded and storage took the canary")
     return READY
+
+
+def _load_hint(exc: BaseException) -> str:
+    """What to fix when the model does not load: a gated or private hub model wants a token."""
+    text = f"{type(exc).__name__} {exc}"
+    if "GatedRepo" in text or "401" in text or "gated" in text.lower():
+        return "a gated or private hub model: set HF_TOKEN to a token with access to it"
+    return "fix FLEET_MODEL, or the hub token and network"
 
 
 class Gate(Periodic):
@@ -128,13 +158,17 @@ class Gate(Periodic):
         return {"state": self.state.get("state"), "reason": self.state.get("reason")}
 
     def tick(self) -> None:
-        if self.opened or self.consumer is None:
+        if self.consumer is None:
             return
         self.state = read_state(self.client, self.consumer.hostname)
         state, reason = self.state.get("state"), self.state.get("reason")
         if state == BROKEN and self._said != reason:
             self._said = reason
             log.error("broken: consuming no job queue: %s", reason)
+        if self.opened:
+            if state == BROKEN and self.held:
+                self.close()
+            return
         if state != READY:
             return
         consumer = self.consumer
@@ -146,6 +180,19 @@ class Gate(Periodic):
         if all(consumer.task_consumer.consuming_from(name) for name in self.held):
             self.opened = True
             log.info("consuming %s", ", ".join(self.held))
+
+
+    def close(self) -> None:
+        """Stop consuming the job queues of a worker found broken while it ran."""
+        consumer = self.consumer
+        for name in self.held:
+            if consumer.task_consumer.consuming_from(name):
+                consumer.app.control.cancel_consumer(
+                    name, destination=[consumer.hostname], reply=True, timeout=5
+                )
+        if not any(consumer.task_consumer.consuming_from(name) for name in self.held):
+            self.opened = False
+            log.error("stopped consuming %s", ", ".join(self.held))
 
 
 #: The gate of this main process (one consumer per worker).
