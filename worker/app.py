@@ -23,6 +23,7 @@ from celery.signals import (
     worker_shutting_down,
 )
 
+from fleet.brokers import broker_error
 from fleet.celeryconf import celery_config, make_celery
 from fleet.contract import TASK_GENERATE, WEBHOOK_QUEUE
 from fleet.errors import JobExpired
@@ -130,8 +131,15 @@ def _make_gate(sender: str | None = None, **_: Any) -> None:
     if not sender:
         return
     os.environ[gate.NODE_ENV] = sender
-    client = redis.Redis.from_url(WorkerSettings().redis_url, socket_timeout=5)
+    url = WorkerSettings().redis_url
+    client = redis.Redis.from_url(url, socket_timeout=5)
     gate.GATE = gate.Gate(client)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        # Celery's consumer retries the connection forever, saying little: say what to fix.
+        error = broker_error(exc, url)
+        log.error("this worker takes no jobs: %s", error or exc)
 
 
 _heartbeat: Heartbeat | None = None

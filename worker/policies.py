@@ -42,6 +42,7 @@ from fleet.errors import (
     JobValidationError,
     SchemaTooNew,
     StorageError,
+    StorageRefused,
     StorageUnavailable,
     TooManyDeliveries,
     WebhookError,
@@ -393,7 +394,8 @@ class JobPolicies:
             self.report_failure(task, job, timeout)
             return timeout
         if disposition_of(error) == "worker":
-            self.broken = f"{type(error).__name__}: {error}"
+            self.broken = (f"storage refuses this worker: {error}" if isinstance(error, StorageRefused)
+                           else f"{type(error).__name__}: {error}")  # fmt: skip
             gate.declare_broken(self.get_redis(), gate.node_name(), self.broken)
             self._uncount_delivery(task)
             if isinstance(job, dict) and isinstance(job.get("job_id"), str):
