@@ -107,7 +107,8 @@ def check_redis_config(client: redis.Redis, url: str, mode: str) -> list[str]:
     problems = redis_config_problems(client)
     if problems and mode != "warn":
         raise BrokerMisconfigured(
-            f"Redis at {masked(url)}: " + "; ".join(problems)
+            f"Redis at {masked(url)}: "
+            + "; ".join(problems)
             + " (or accept the risk with FLEET_REDIS_CHECK=warn)"
         )
     return problems

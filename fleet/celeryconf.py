@@ -22,7 +22,10 @@ def celery_config(settings: FleetSettings) -> dict[str, Any]:
         "broker_url": settings.redis_url,
         "result_backend": settings.backend_url,
         "result_expires": settings.result_expires_s,
-        "result_extended": True,
+        # Not extended: a result would keep a copy of the job's JSON (its kwargs) for
+        # result_expires, in every state stored (STARTED, PROGRESS, FAILURE, SUCCESS); the
+        # manifest in S3 keeps the recipe (scripts/bench_redis_memory.py measures the cost).
+        "result_extended": False,
         # JSON only: pickle from the queue would run arbitrary code in the worker.
         "task_serializer": "json",
         "result_serializer": "json",

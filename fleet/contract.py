@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import reprlib
 import secrets
 import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -242,6 +244,84 @@ def _limits(info: ValidationInfo) -> Limits:
 
 
 # ---------------------------------------------------------------------------------------------
+# Quoting: an error message shows a value, never a megabyte of it.
+
+#: Most characters of a value an error message quotes; longer ones show their start and length.
+QUOTE_CHARS = 80
+#: Most problems one JobValidationError lists (a job with 100,000 unknown keys has as many).
+MAX_PROBLEMS = 20
+#: Longest webhook URL, and longest host name in it (the DNS limit).
+MAX_WEBHOOK_CHARS, MAX_HOST_CHARS = 2048, 253
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = _SHORT_REPR.maxlong = QUOTE_CHARS
+_SHORT_REPR.maxlevel = 2
+
+
+class Quoted:
+    """Stands in for a value too long to quote whole: its repr is what a message shows."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+    __str__ = __repr__
+
+
+def quote_value(value: object) -> object:
+    """``value`` as an error message may show it (``f"{field}={value!r}"``): itself when its
+    repr is short, else a :class:`Quoted` with its first QUOTE_CHARS characters and its size,
+    e.g. ``'aaaa…' (1,000,000 characters)``."""
+    if isinstance(value, str):
+        if len(value) <= QUOTE_CHARS:
+            return value
+        return Quoted(f"{value[:QUOTE_CHARS] + '…'!r} ({len(value):,} characters)")
+    if value is None or isinstance(value, bool | float):
+        return value
+    if isinstance(value, int):
+        if value.bit_length() <= 4 * QUOTE_CHARS:  # under about 96 digits
+            return value
+        return Quoted(f"<an integer of {value.bit_length():,} bits>")
+    text = _SHORT_REPR.repr(value)
+    if isinstance(value, list | tuple | dict | set | bytes | bytearray):
+        unit = "byte" if isinstance(value, bytes | bytearray) else "item"
+        text += f" ({len(value):,} {unit}{'' if len(value) == 1 else 's'})"
+    return Quoted(text)
+
+
+def quote_name(name: str) -> str:
+    """A field name (or an unknown key, which can be of any length) as a message shows it."""
+    if len(name) <= QUOTE_CHARS:
+        return name
+    return f"{name[:QUOTE_CHARS]}… ({len(name):,} characters)"
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _plain_text(value: str) -> str:
+    """Refuse what no model or store takes as text: NUL characters, and lone surrogates (not
+    Unicode text, so not encodable as UTF-8; the tokenizer fails on them)."""
+    nul = value.find("\x00")
+    if nul >= 0:
+        raise ValueError(f"contains a NUL character (\\x00) at character {nul + 1}; remove it")
+    bad = _SURROGATE.search(value)
+    if bad is not None:
+        raise ValueError(
+            f"contains a lone surrogate ({bad.group()!r}) at character {bad.start() + 1}, "
+            "which is not Unicode text; send the text as valid UTF-8 (a surrogate often "
+            "comes from decoding bytes with errors='surrogateescape')"
+        )
+    return value
+
+
+#: A string field of a job: no NUL characters, no lone surrogates.
+Text = Annotated[str, AfterValidator(_plain_text)]
+
+
+# ---------------------------------------------------------------------------------------------
 # The job.
 
 
@@ -251,9 +331,9 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     schema_version: int = SCHEMA_VERSION
-    job_id: str = Field(default_factory=new_job_id)
-    prompt: str
-    negative_prompt: str = ""
+    job_id: Text = Field(default_factory=new_job_id)
+    prompt: Text
+    negative_prompt: Text = ""
     width: int = 512
     height: int = 512
     steps: int = 30
@@ -262,10 +342,10 @@ class JobSpec(BaseModel):
     seed: int = 0
     images: int = 1
     #: None: the model the worker serves by default.
-    model: str | None = None
-    scheduler: str = "default"
+    model: Text | None = None
+    scheduler: Text = "default"
     #: http(s) URL that receives the result JSON when the job ends (signed, see docs/webhooks.md).
-    webhook: str | None = None
+    webhook: Text | None = None
     #: Unix time the producer enqueued the job (for queue-wait metrics); not part of the recipe.
     submitted_at: float | None = None
 
@@ -304,7 +384,7 @@ class JobSpec(BaseModel):
         if not v.strip():
             raise ValueError("the prompt must not be empty")
         if len(v) > limit:
-            raise ValueError(f"the prompt has {len(v)} characters; at most {limit} are allowed")
+            raise ValueError(f"the prompt has {len(v):,} characters; at most {limit:,} are allowed")
         return v
 
     @field_validator("negative_prompt")
@@ -312,7 +392,7 @@ class JobSpec(BaseModel):
     def _negative(cls, v: str, info: ValidationInfo) -> str:
         limit = _limits(info).max_prompt_chars
         if len(v) > limit:
-            raise ValueError(f"it has {len(v)} characters; at most {limit} are allowed")
+            raise ValueError(f"it has {len(v):,} characters; at most {limit:,} are allowed")
         return v
 
     @field_validator("width", "height")
@@ -384,6 +464,7 @@ class JobSpec(BaseModel):
     def _webhook(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None:
             return v
+        _check_webhook_size(v)
         # Without limits (a JobSpec built in Python) only the form is checked; the address
         # check runs in validate_job, which the producer and the worker always call.
         allow = _limits(info).webhook_allow_private if info.context else True
@@ -408,27 +489,57 @@ class JobSpec(BaseModel):
         }
 
 
+def _check_webhook_size(url: str) -> None:
+    """Bound a webhook URL and its host before they are parsed, resolved or quoted."""
+    if len(url) > MAX_WEBHOOK_CHARS:
+        raise ValueError(
+            f"the URL has {len(url):,} characters; at most {MAX_WEBHOOK_CHARS:,} are allowed"
+        )
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    if len(host) > MAX_HOST_CHARS:
+        raise ValueError(
+            f"the host has {len(host):,} characters; at most {MAX_HOST_CHARS} are allowed"
+        )
+
+
 def validate_job(data: Any, limits: Limits | None = None) -> JobSpec:
     """Validate a job (a dict from JSON or a JobSpec) against ``limits``.
 
-    Raises JobValidationError naming each bad field, its value and what is allowed.
+    Raises JobValidationError naming each bad field, its value (at most QUOTE_CHARS characters
+    of it, and its length) and what is allowed; it chains no pydantic error (whose text and
+    ``errors()`` hold whole inputs).
     """
     if isinstance(data, JobSpec):
         data = data.model_dump()
     if not isinstance(data, dict):
-        raise JobValidationError([("job", data, "must be a JSON object (see docs/contract.md)")])
+        raise JobValidationError(
+            [("job", quote_value(data), "must be a JSON object (see docs/contract.md)")]
+        )
     try:
         return JobSpec.model_validate(data, context={"limits": limits or Limits()})
     except ValidationError as exc:
-        problems: list[tuple[str, object, str]] = []
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "job"
-            msg = str(err["msg"]).removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown field; see docs/contract.md for the job schema"
-            value = err.get("input")
-            problems.append((field, value if err["type"] != "missing" else None, msg))
-        raise JobValidationError(problems) from None
+        problems = job_problems(exc)
+    raise JobValidationError(problems)  # outside the except: no pydantic error as its context
+
+
+def job_problems(exc: ValidationError) -> list[tuple[str, object, str]]:
+    """``(field, value, message)`` of each error of a job, values and names quoted short, at
+    most MAX_PROBLEMS of them (then one saying how many there are)."""
+    errors = exc.errors(include_url=False, include_context=False)
+    problems: list[tuple[str, object, str]] = []
+    for err in errors[:MAX_PROBLEMS]:
+        field = quote_name(".".join(str(p) for p in err["loc"]) or "job")
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field; see docs/contract.md for the job schema"
+        value = None if err["type"] == "missing" else quote_value(err.get("input"))
+        problems.append((field, value, msg))
+    if len(errors) > MAX_PROBLEMS:
+        more = f"only the first {MAX_PROBLEMS} are listed; fix those and try again"
+        problems.append(("job", Quoted(f"{len(errors):,} problems"), more))
+    return problems
 
 
 def time_limits(spec: JobSpec, base_s: float, per_mpx_step_s: float) -> tuple[float, float]:

@@ -9,10 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fleet.contract import SCHEDULERS, JobStatus
-from fleet.errors import BrokerRefused, BrokerUnavailable, FleetError, JobValidationError
+from fleet.errors import (
+    BrokerMisconfigured,
+    BrokerRefused,
+    BrokerUnavailable,
+    FleetError,
+    JobValidationError,
+)
 from fleet.settings import ProducerSettings
 from producer.client import Client
 
@@ -96,11 +103,40 @@ def _add_wait_options(p: argparse.ArgumentParser) -> None:
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompts)
     if args.file:
-        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+        text = read_prompt_file(args.file)
         prompts += [
             ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
         ]
     return prompts
+
+
+def read_prompt_file(name: str) -> str:
+    """The text of ``--file`` (``-``: stdin), UTF-8; JobValidationError naming the line and
+    column of the first byte that is not UTF-8, or why the file cannot be read."""
+    try:
+        if name == "-":
+            stdin = getattr(sys.stdin, "buffer", None)
+            data = stdin.read() if stdin is not None else sys.stdin.read().encode()
+        else:
+            data = Path(name).read_bytes()
+    except OSError as exc:
+        reason = f"cannot be read: {exc.strerror or exc}"
+        raise JobValidationError([("--file", name, reason)]) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JobValidationError([("--file", name, not_utf8(data, exc))]) from None
+
+
+def not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
+    """Where ``data`` stops being UTF-8 (line and column counted from 1), and what to do."""
+    line = data.count(b"\n", 0, exc.start) + 1
+    column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+    bad = " ".join(f"0x{b:02x}" for b in data[exc.start : exc.end])
+    return (
+        f"line {line}, byte {column}: {bad} is not UTF-8 ({exc.reason}); save the file as "
+        "UTF-8 (e.g. iconv -f <its encoding> -t utf-8), or fix that line; nothing was submitted"
+    )
 
 
 def jobs_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -167,16 +203,16 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_retry(client, args, out)
             return cmd_wait(client, args.job_ids, args, out, err)
     except JobValidationError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
         return EXIT_INVALID
     except TimeoutError as exc:
-        err.print(f"[yellow]timeout:[/yellow] {exc}")
+        err.print(f"[yellow]timeout:[/yellow] {escape(str(exc))}")
         return EXIT_TIMEOUT
-    except (BrokerRefused, BrokerUnavailable) as exc:
-        err.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+    except (BrokerRefused, BrokerUnavailable, BrokerMisconfigured) as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return EXIT_BROKER
     except FleetError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
         return EXIT_FAILED
 
 

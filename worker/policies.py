@@ -121,12 +121,13 @@ def job_of_message(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return kwargs["job"]
     if len(args) == 1 and not kwargs:
         return args[0]
-    got = f"{len(args)} positional argument(s) and keyword(s) {sorted(kwargs)}"
+    names = [contract.quote_value(str(k)) for k in list(kwargs)[:10]]
+    got = f"{len(args)} positional argument(s) and keyword(s) {names}"
     raise JobValidationError(
         [
             (
                 "kwargs",
-                sorted(kwargs),
+                names,
                 f"a {contract.TASK_GENERATE} message takes exactly one keyword argument "
                 f"'job' (see docs/contract.md); got {got}",
             )
@@ -148,7 +149,8 @@ def with_identity(job: Any, task_id: str) -> Any:
 def newer_schema(job: Any) -> int | None:
     """The job's ``schema_version`` when it is a version newer than this worker's."""
     version = job.get("schema_version") if isinstance(job, dict) else None
-    if isinstance(version, int) and not isinstance(version, bool) and version > contract.SCHEMA_VERSION:
+    known = contract.SCHEMA_VERSION
+    if isinstance(version, int) and not isinstance(version, bool) and version > known:
         return version
     return None
 
@@ -270,7 +272,6 @@ def cancel_checker(get_redis: Callable[[], redis.Redis], job: Any) -> Callable[[
 def dead_letter(client: redis.Redis, task: Task, job: Any, reason: str) -> None:
     """Keep a job no worker could run in the dead letters (``producer dead-letters``)."""
     import json
-
     from datetime import datetime, timezone
 
     raw = json.dumps({"kwargs": {"job": job}}, default=str)
@@ -394,8 +395,11 @@ class JobPolicies:
             self.report_failure(task, job, timeout)
             return timeout
         if disposition_of(error) == "worker":
-            self.broken = (f"storage refuses this worker: {error}" if isinstance(error, StorageRefused)
-                           else f"{type(error).__name__}: {error}")  # fmt: skip
+            self.broken = (
+                f"storage refuses this worker: {error}"
+                if isinstance(error, StorageRefused)
+                else f"{type(error).__name__}: {error}"
+            )
             gate.declare_broken(self.get_redis(), gate.node_name(), self.broken)
             self._uncount_delivery(task)
             if isinstance(job, dict) and isinstance(job.get("job_id"), str):

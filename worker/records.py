@@ -22,6 +22,36 @@ from fleet.storage import ObjectStore
 log = logging.getLogger(__name__)
 
 
+#: A refused job is kept in its failure record whole up to this size, shortened beyond it.
+MAX_RECORDED_JOB_CHARS = 16_384
+
+
+def bounded_job(job: Any) -> Any:
+    """The job as a failure record keeps it: whole when small, else each long value quoted
+    (its first characters and its size), so a 1 MB prompt never becomes a 1 MB record."""
+    try:
+        size = len(json.dumps(job, default=str))
+    except (TypeError, ValueError, RecursionError):
+        return contract.quote_value(job).__repr__()
+    if size <= MAX_RECORDED_JOB_CHARS:
+        return job
+    if isinstance(job, dict):
+        return {_short_key(k): _short(v) for k, v in list(job.items())[:50]}
+    return repr(contract.quote_value(job))
+
+
+def _short_key(key: Any) -> str:
+    text = str(key)
+    return text if len(text) <= contract.QUOTE_CHARS else repr(contract.quote_value(text))
+
+
+def _short(value: Any) -> Any:
+    if isinstance(value, str | int | float | bool) or value is None:
+        quoted = contract.quote_value(value)
+        return quoted if quoted is value else repr(quoted)
+    return repr(contract.quote_value(value))
+
+
 def raw_failure_manifest(
     job_id: str, job: Any, error: str, error_type: str, bucket: str, prefix: str
 ) -> dict[str, Any]:
@@ -38,7 +68,7 @@ def raw_failure_manifest(
         "schema_version": contract.SCHEMA_VERSION,
         "job_id": job_id,
         "status": "failed",
-        "job": job,
+        "job": bounded_job(job),
         "error": error,
         "error_type": error_type,
         "finished_at": datetime.now(timezone.utc).isoformat(),

@@ -74,7 +74,9 @@ class JobRunner:
         exist: the S3 lookup before and the failure-index cleanup after are skipped."""
         job_id = job.get("job_id") if isinstance(job, dict) else None
         device = self.engine.placement.device if self.engine.placement else self.settings.device
-        jlog = JobLog(log, {"job_id": job_id, "task_id": task_id, "queue": queue, "device": device})
+        shown = job_id if isinstance(job_id, str) and len(job_id) <= 128 else (
+            repr(contract.quote_value(job_id)))  # fmt: skip
+        jlog = JobLog(log, {"job_id": shown, "task_id": task_id, "queue": queue, "device": device})
         started = time.perf_counter()
         # Its id first: with a usable id, a job that already succeeded is returned as it is,
         # whatever else the message says now (success beats failure).
@@ -146,7 +148,7 @@ class JobRunner:
                 [
                     (
                         "model",
-                        spec.model,
+                        contract.quote_value(spec.model),
                         f"this worker serves {served!r}; route that model to a "
                         "queue whose workers serve it (FLEET_MODEL_ROUTES)",
                     )

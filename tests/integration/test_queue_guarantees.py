@@ -202,3 +202,60 @@ def test_a_restored_job_of_a_dead_worker_goes_back_to_the_front(
     assert {s.state for s in qclient.wait(ids, timeout=180)} == {"succeeded"}
     after = [ln for ln in w.log()[logged:].splitlines() if "] received:" in ln]
     assert f"[job={first.job_id} " in after[0], after  # the restarted worker ran it first
+
+
+def test_a_job_of_a_newer_schema_waits_for_a_worker_that_knows_it(
+    start_worker, qclient: Client, queue: str, fleet_env: dict
+) -> None:
+    """A fleet mid-upgrade: a new producer sends schema_version 2 to a worker that speaks 1.
+    The worker neither runs nor fails it at once: it passes it back to the end of the queue
+    (FLEET_UNKNOWN_SCHEMA_TRIES times), then records why and keeps it in the dead letters;
+    and it serves a valid job meanwhile."""
+    w = start_worker("old-schema", queues=queue, FLEET_UNKNOWN_SCHEMA_TRIES="2")
+    newer = {**small("from the future").model_dump(mode="json"),
+             "schema_version": contract.SCHEMA_VERSION + 1, "job_id": uuid.uuid4().hex}  # fmt: skip
+    subprocess.run([sys.executable, "-c", SEND_STOCK, fleet_env["FLEET_REDIS_URL"],
+                    json.dumps(newer), queue], check=True, timeout=60)  # fmt: skip
+    valid = qclient.submit(small("today's"))
+    assert valid.wait(timeout=120).state == "succeeded"
+    st = qclient.wait([newer["job_id"]], timeout=120)[0]
+    assert st.state == "failed" and st.result is not None, st
+    assert st.result.error_type == "SchemaTooNew", st
+    assert f"schema_version {contract.SCHEMA_VERSION + 1} is newer" in (st.result.error or "")
+    assert w.log().count("is newer than this worker's") == 2  # passed on twice, then failed
+    assert "] received:" not in "".join(ln for ln in w.log().splitlines() if newer["job_id"] in ln)
+    letters = [d for d in qclient.dead_letters() if d.get("task_id") == newer["job_id"]]
+    assert len(letters) == 1 and "newer" in letters[0]["reason"]
+
+
+def test_a_drain_lets_a_short_job_finish_and_puts_a_long_one_back_at_once(
+    start_worker, qclient: Client, queue: str
+) -> None:
+    """SIGTERM, as `docker compose stop` sends it: a job that ends within FLEET_DRAIN_TIMEOUT_S
+    finishes and the worker exits as soon as it did; one that cannot goes back to its queue at
+    once (not after the one-hour visibility timeout), and another worker completes it."""
+    import os
+    import signal
+    import time
+
+    from tests.fleet_fixtures import wait_until
+
+    short = start_worker("drain-short", queues=queue, FLEET_DRAIN_TIMEOUT_S="120")
+    job = qclient.submit(small("finishes", steps=60))
+    wait_until(lambda: qclient.status(job.job_id).state == "started", 60, "the job started")
+    os.kill(short.proc.pid, signal.SIGTERM)  # the main process, as tini forwards it
+    short.proc.wait(110)  # well before the drain timeout: it exits once the job is done
+    assert qclient.status(job.job_id).state == "succeeded"
+    assert "back to its queue" not in short.log()
+
+    long = start_worker("drain-long", queues=queue, FLEET_DRAIN_TIMEOUT_S="3")
+    slow = qclient.submit(JobSpec(prompt="too long", width=256, height=256, steps=150))
+    wait_until(lambda: qclient.status(slow.job_id).state == "started", 60, "the job started")
+    stopped = time.monotonic()
+    os.kill(long.proc.pid, signal.SIGTERM)
+    long.proc.wait(60)
+    wait_until(lambda: qclient.stats()["queues"][queue] == 1, 30, "the job back in its queue")
+    assert time.monotonic() - stopped < 60  # the visibility timeout is 3600 s
+    assert "back to its queue for another worker" in long.log()
+    start_worker("drain-next", queues=queue)
+    assert slow.wait(timeout=300).state == "succeeded"

@@ -1,5 +1,6 @@
-"""Webhooks against a real local HTTP server: signed with HMAC-SHA256, retried with backoff by a
-light worker on the webhooks queue, sent for succeeded and failed jobs."""
+"""Webhooks against a real local HTTP server: signed with HMAC-SHA256 over the timestamp and the
+body, retried with backoff by a light worker on the webhooks queue, sent for succeeded and failed
+jobs; a redirect is never followed nor retried, and the URL's query never reaches the logs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -17,7 +19,7 @@ import pytest
 from fleet.contract import WEBHOOK_QUEUE, WEBHOOK_SIGNATURE_HEADER, JobSpec
 from fleet.settings import ProducerSettings
 from producer.client import Client
-from tests.fleet_fixtures import settings_kwargs
+from tests.fleet_fixtures import WorkerProcess, settings_kwargs
 
 pytestmark = pytest.mark.integration
 
@@ -25,20 +27,28 @@ SECRET = "test-secret-" + uuid.uuid4().hex
 
 
 class Receiver:
-    """A local HTTP endpoint that fails the first ``fail_first`` requests with 500."""
+    """A local HTTP endpoint that fails the first ``fail_first`` requests with 500, or answers
+    every request with a redirect to ``redirect_to``."""
 
-    def __init__(self, fail_first: int) -> None:
+    def __init__(self, fail_first: int = 0, redirect_to: str | None = None) -> None:
         self.requests: list[tuple[dict[str, str], bytes]] = []
         self.fail_first = fail_first
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 receiver.requests.append((dict(self.headers), body))
-                failing = len(receiver.requests) <= receiver.fail_first
-                self.send_response(500 if failing else 200)
+                if redirect_to is not None:
+                    self.send_response(302)
+                    self.send_header("Location", redirect_to)
+                else:
+                    failing = len(receiver.requests) <= receiver.fail_first
+                    self.send_response(500 if failing else 200)
+                self.send_header("Content-Length", "0")
                 self.end_headers()
+
+            do_GET = do_POST
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -58,16 +68,31 @@ def receiver() -> Iterator[Receiver]:
     r.close()
 
 
-def test_webhook_is_signed_retried_and_sent_for_success_and_failure(
-    start_worker, fleet_env: dict, receiver: Receiver
-) -> None:
+@dataclass
+class HookedFleet:
+    """A generating worker on a queue of its own and the one webhooks worker of this module."""
+
+    gen: WorkerProcess
+    hooks: WorkerProcess
+    settings: ProducerSettings
+
+
+@pytest.fixture(scope="module")
+def fleet(start_worker, fleet_env: dict) -> HookedFleet:
     queue = f"fleet.hooks-{uuid.uuid4().hex[:6]}"
     env = {"FLEET_WEBHOOK_SECRET": SECRET, "FLEET_WEBHOOK_ALLOW_PRIVATE": "true"}
-    start_worker("gen-hooks", queues=queue, **env)
+    gen = start_worker("gen-hooks", queues=queue, **env)
     hooks = start_worker("hooks", queues=WEBHOOK_QUEUE, pool="threads", concurrency=4, **env)
     settings = ProducerSettings(_env_file=None, **settings_kwargs({**fleet_env, **env}))
     settings.queue = queue
-    with Client(settings) as c:
+    return HookedFleet(gen, hooks, settings)
+
+
+def test_webhook_is_signed_retried_and_sent_for_success_and_failure(
+    fleet: HookedFleet, receiver: Receiver
+) -> None:
+    hooks = fleet.hooks
+    with Client(fleet.settings) as c:
         ok = c.submit(JobSpec(prompt="hooked", width=64, height=64, steps=2,
                               webhook=receiver.url))  # fmt: skip
         assert ok.wait(timeout=60).state == "succeeded"
@@ -76,8 +101,15 @@ def test_webhook_is_signed_retried_and_sent_for_success_and_failure(
             assert time.monotonic() < deadline, f"{len(receiver.requests)} deliveries"
             time.sleep(0.1)
         headers, body = receiver.requests[-1]
-        expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-        assert headers[WEBHOOK_SIGNATURE_HEADER] == expected
+        # The receiver's check (docs/webhooks.md): the signature covers "<timestamp>." + body,
+        # and the timestamp is recent.
+        timestamp = headers["X-Fleet-Timestamp"]
+        assert abs(int(timestamp) - time.time()) <= 300
+        signed = f"{timestamp}.".encode() + body
+        expected = "sha256=" + hmac.new(SECRET.encode(), signed, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(headers[WEBHOOK_SIGNATURE_HEADER], expected)
+        # One delivery, retried: the same delivery id on every attempt.
+        assert len({h["X-Fleet-Delivery"] for h, _ in receiver.requests}) == 1
         payload = json.loads(body)
         assert payload["job_id"] == ok.job_id and payload["status"] == "succeeded"
         assert payload["images"][0]["key"].endswith("image-000.png")
@@ -96,3 +128,27 @@ def test_webhook_is_signed_retried_and_sent_for_success_and_failure(
     # The webhooks worker runs the threads pool but serves no generation queue: it never loads
     # the model (threads-pool workers that do serve one load it at start).
     assert "model ready in" not in hooks.log()
+
+
+def test_a_redirecting_webhook_is_not_followed_nor_retried_and_its_token_is_not_logged(
+    fleet: HookedFleet,
+) -> None:
+    inside = Receiver()  # stands for 169.254.169.254: never reached
+    hook = Receiver(redirect_to=inside.url)
+    token = "TOKEN" + uuid.uuid4().hex
+    try:
+        with Client(fleet.settings) as c:
+            job = c.submit(JobSpec(prompt="hooked", width=64, height=64, steps=2,
+                                   webhook=f"{hook.url}?token={token}"))  # fmt: skip
+            assert job.wait(timeout=60).state == "succeeded"
+        deadline = time.monotonic() + 30
+        while "redirects are not followed" not in fleet.hooks.log():
+            assert time.monotonic() < deadline, fleet.hooks.log()[-2000:]
+            time.sleep(0.1)
+        time.sleep(3)  # a retry would have come by now (backoff up to 1 s, then 2 s)
+        assert len(hook.requests) == 1 and inside.requests == []
+        assert "answered 302 redirect; redirects are not followed" in fleet.hooks.log()
+        assert token not in fleet.hooks.log() and token not in fleet.gen.log()
+    finally:
+        hook.close()
+        inside.close()

@@ -164,3 +164,76 @@ def test_a_job_without_a_seed_derives_it_from_its_id_the_same_everywhere() -> No
     assert contract.derived_seed("job-43") != expected
     fresh = JobSpec(prompt="no id")
     assert fresh.seed == contract.derived_seed(fresh.job_id) < 2**53
+
+
+MEGABYTE_PROMPT = "a" * 1_000_000
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_an_error_quotes_the_start_of_a_long_value_and_its_length(field: str) -> None:
+    job = {"prompt": "x", field: MEGABYTE_PROMPT}
+    with pytest.raises(JobValidationError) as info:
+        validate_job(job)
+    text = str(info.value)
+    assert len(text) < 400, text[:400]
+    assert f"{field}='{'a' * contract.QUOTE_CHARS}…' (1,000,000 characters)" in text
+    assert "at most 2,000 are allowed" in text
+    # What the error keeps besides its message is bounded too: no pydantic error chained or
+    # as its context (its text and errors() hold the whole input), short problem values.
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    assert all(len(repr(value)) < 200 for _, value, _ in info.value.problems)
+
+
+def test_oversized_names_values_and_problem_counts_are_bounded() -> None:
+    cases = [
+        {"prompt": "x", "k" * 1_000_000: 1},  # an unknown key a megabyte long
+        {"prompt": "x", **{f"key{i}": i for i in range(10_000)}},  # ten thousand unknown keys
+        {"prompt": ["a"] * 1_000_000},  # not a string, and big
+        {"prompt": "x", "seed": 10**4000},
+        {"prompt": "x", "webhook": "https://" + "h" * 1_000_000 + "/hook"},
+    ]
+    for job in cases:
+        with pytest.raises(JobValidationError) as info:
+            validate_job(job)
+        assert len(str(info.value)) < 2_000, str(info.value)[:300]
+    with pytest.raises(JobValidationError) as info:
+        validate_job(MEGABYTE_PROMPT)  # not even an object
+    assert "(1,000,000 characters): must be a JSON object" in str(info.value)
+    assert len(str(info.value)) < 400
+
+
+def test_many_problems_end_with_how_many_there_are() -> None:
+    msgs = problems({"prompt": "x", **{f"key{i}": i for i in range(100)}})
+    assert len(msgs) == contract.MAX_PROBLEMS + 1
+    assert (
+        msgs["job"] == f"only the first {contract.MAX_PROBLEMS} are listed; fix those and try again"
+    )
+
+
+def test_a_short_value_is_quoted_whole() -> None:
+    assert contract.quote_value("a cat") == "a cat"
+    assert contract.quote_value(100) == 100
+    assert repr(contract.quote_value("b" * 81)) == f"'{'b' * 80}…' (81 characters)"
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt", "model", "webhook"])
+@pytest.mark.parametrize(
+    ("bad", "what"), [("\x00", "a NUL character"), ("\ud800", "a lone surrogate")]
+)
+def test_nul_characters_and_lone_surrogates_are_refused_naming_the_field(
+    field: str, bad: str, what: str
+) -> None:
+    value = f"https://example.com/{bad}" if field == "webhook" else f"a fox{bad} in snow"
+    allow = Limits(webhook_allow_private=True)
+    msgs = problems({"prompt": "x", field: value}, allow)
+    assert list(msgs) == [field]
+    assert msgs[field].startswith(f"contains {what} (")
+    at = value.index(bad) + 1
+    assert f"at character {at}" in msgs[field]
+    with pytest.raises(JobValidationError) as info:
+        validate_job({"prompt": "x", field: value}, allow)
+    str(info.value).encode("utf-8")  # the message itself is printable UTF-8 (escaped)
+    assert bad not in str(info.value)
+    # Text beyond the basic plane is fine: only what is not Unicode text is refused.
+    fine = value.replace(bad, "🦊 漢字")
+    assert getattr(validate_job({"prompt": "x", field: fine}, allow), field) == fine

@@ -200,9 +200,7 @@ def test_an_error_the_job_did_not_cause_is_the_workers_when_the_self_test_fails_
         engine.pipe = FailingPipe(2, cuda)  # the self-test fails as well: a broken device
         with pytest.raises(PipelineBroken, match="fails even on its self-test") as broken:
             engine.generate(job())
-        assert broken.value.disposition == "worker" and "illegal memory access" in str(
-            broken.value
-        )
+        assert broken.value.disposition == "worker" and "illegal memory access" in str(broken.value)
         engine.pipe = FailingPipe(1, ValueError("Sequence length must be less than 77"))
         with pytest.raises(GenerationError) as deep:  # raised outside the input checks
             engine.generate(job())

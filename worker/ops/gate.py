@@ -181,7 +181,6 @@ class Gate(Periodic):
             self.opened = True
             log.info("consuming %s", ", ".join(self.held))
 
-
     def close(self) -> None:
         """Stop consuming the job queues of a worker found broken while it ran."""
         consumer = self.consumer

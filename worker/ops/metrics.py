@@ -3,6 +3,8 @@ reason, model load time, device memory.
 
 The pool child records them; the worker's main process serves them on FLEET_METRICS_PORT, in
 prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set before the pool forks).
+The alert signals (``worker.ops.alerts``, docs/alerts.md) are computed at scrape time, in the
+main process, by a collector of the same registry.
 """
 
 from __future__ import annotations
@@ -30,13 +32,19 @@ def prepare_multiprocess_dir() -> str:
     return path
 
 
-def serve(port: int) -> None:
-    """Serve the metrics of every process of this worker on ``port`` (main process)."""
+def serve(port: int, redis_url: str | None = None) -> None:
+    """Serve the metrics of every process of this worker on ``port`` (main process), and, with
+    ``redis_url``, the alert signals read from Redis and the gate at scrape time
+    (``worker.ops.alerts``: queue age and length, dead letters, consuming, broken workers)."""
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
+    if redis_url:
+        from worker.ops.alerts import AlertCollector, alert_client
+
+        registry.register(AlertCollector(alert_client(redis_url)))
     start_http_server(port, addr=os.environ.get("FLEET_METRICS_ADDR", "0.0.0.0"),
                       registry=registry)  # fmt: skip
     log.info("metrics on :%d/metrics", port)
