@@ -165,7 +165,7 @@ class JobRunner:
         if not manifest or manifest.get("status") != "succeeded":
             return None
         result = JobResult.model_validate(manifest["result"])
-        return self._with_urls(result).model_dump(mode="json")
+        return result.model_dump(mode="json")
 
     def _generate(
         self,
@@ -286,7 +286,9 @@ class JobRunner:
         if clear:  # a job that failed before and now succeeded leaves the failure index
             clear_failure(self.store, prefix, spec.job_id)
         jlog.info("stored %d image(s) and %s in %.2f s", len(records), mkey, timings["upload_s"])
-        return self._with_urls(result).model_dump(mode="json")
+        # Keys only: a presigned URL is a bearer credential, and results are logged ("Task ...
+        # succeeded") and kept for days. Clients presign when they read (status, wait, webhook).
+        return result.model_dump(mode="json")
 
     def record_failure(self, spec: JobSpec, exc: BaseException, jlog: JobLog) -> None:
         """Write a failure manifest so the failure outlives Celery's expiring results."""
@@ -350,11 +352,6 @@ class JobRunner:
         )
         if write_failure(self.store, self.settings.s3_prefix, manifest):
             jlog.error("refused: %s (recorded)", exc)
-
-    def _with_urls(self, result: JobResult) -> JobResult:
-        for record in result.images:
-            record.url = self.store.presign_get(record.key)
-        return result
 
     def _step_reporter(
         self,

@@ -58,4 +58,5 @@ def generate(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 )
 def deliver(self: Task, url: str, payload: dict[str, Any]) -> int:
     """POST a finished job's result to its webhook; returns the HTTP status."""
-    return webhooks.post(url, payload, str(self.request.id), runtime.get_settings())
+    return webhooks.post(url, payload, str(self.request.id), runtime.get_settings(),
+                         presign=runtime.get_store().presign_get)  # fmt: skip

@@ -19,6 +19,7 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -168,7 +169,24 @@ def notify_failure(app: Celery, job: Any, error: BaseException) -> None:
                           "error": str(error), "error_type": type(error).__name__})  # fmt: skip
 
 
-def post(url: str, payload: dict[str, Any], delivery_id: str, settings: WorkerSettings) -> int:
+def with_fresh_urls(payload: dict[str, Any], presign: Callable[[str], str]) -> dict[str, Any]:
+    """The payload with a URL presigned now for each image (results store keys only)."""
+    images = payload.get("images")
+    if not isinstance(images, list):
+        return payload
+    fresh = [{**image, "url": presign(image["key"])}
+             if isinstance(image, dict) and isinstance(image.get("key"), str) else image
+             for image in images]  # fmt: skip
+    return {**payload, "images": fresh}
+
+
+def post(
+    url: str,
+    payload: dict[str, Any],
+    delivery_id: str,
+    settings: WorkerSettings,
+    presign: Callable[[str], str] | None = None,
+) -> int:
     """POST the payload as JSON to the checked address, signed when a secret is configured;
     returns the HTTP status (2xx).
 
@@ -181,6 +199,8 @@ def post(url: str, payload: dict[str, Any], delivery_id: str, settings: WorkerSe
     except WebhookRefused as exc:
         log.error("[job=%s] %s; the delivery is refused, not retried", job_id, exc)
         raise
+    if presign is not None:
+        payload = with_fresh_urls(payload, presign)
     timestamp = str(int(time.time()))
     body = json.dumps(payload, sort_keys=True).encode()
     headers = {"Content-Type": "application/json", "User-Agent": "diffusion-fleet",

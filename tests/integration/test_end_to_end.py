@@ -181,3 +181,28 @@ def test_replay_gives_byte_identical_images(worker, client, store, fleet_env, tm
     local.write_text(json.dumps(manifest))
     one = client.replay(str(local), index=1).wait(timeout=TIMEOUT)
     assert [i.seed for i in one.result.images] == [4243]
+
+
+def test_presigned_urls_are_neither_logged_nor_stored_but_made_when_read(
+    worker, client, store
+) -> None:
+    """A presigned URL lets anyone holding it fetch the image for an hour: the worker's log,
+    the Celery result in Redis and the manifest in S3 keep keys only; status presigns at read,
+    so each read gets a URL that works now."""
+    import urllib.request
+
+    import redis
+    from celery.result import AsyncResult
+
+    handle = client.submit(small_job(prompt="no bearer links in the logs"))
+    assert handle.wait(timeout=TIMEOUT).state == "succeeded"
+    raw = redis.Redis.from_url(client.settings.backend_url).get(f"celery-task-meta-{handle.job_id}")
+    manifest = store.get_json(contract.manifest_key(handle.job_id))
+    for where, text in (("the Celery result", raw.decode()), ("the manifest", json.dumps(manifest)),
+                        ("the worker's log", worker.log())):  # fmt: skip
+        assert "X-Amz-Signature" not in text and "Signature=" not in text, where
+    assert AsyncResult(handle.job_id, app=client.celery).result["images"][0]["url"] is None
+    url = client.status(handle.job_id).result.images[0].url
+    assert url and "X-Amz-Signature" in url
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        assert resp.read() == store.get_bytes(manifest["images"][0]["key"])

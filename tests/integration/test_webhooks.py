@@ -113,6 +113,11 @@ def test_webhook_is_signed_retried_and_sent_for_success_and_failure(
         payload = json.loads(body)
         assert payload["job_id"] == ok.job_id and payload["status"] == "succeeded"
         assert payload["images"][0]["key"].endswith("image-000.png")
+        # Presigned when the delivery is sent (results keep keys only), and it works.
+        import urllib.request
+
+        with urllib.request.urlopen(payload["images"][0]["url"], timeout=30) as resp:
+            assert resp.read()[:8] == b"\x89PNG\r\n\x1a\n"
         assert [json.loads(b)["job_id"] for _, b in receiver.requests] == [ok.job_id] * 3
 
         bad = c.submit(JobSpec(prompt="hooked", width=64, height=64, steps=2,
