@@ -221,12 +221,16 @@ def _record_expired(request: Any = None, expired: bool = False, **_: Any) -> Non
     job = (request.kwargs or {}).get("job")
     if not isinstance(job, dict):
         job = {"job_id": request.id}
-    try:
-        store = get_store()
-        error = JobExpired("expired: not started before its deadline")
-        record_raw_failure(store, get_redis(), get_settings().s3_prefix, job, error)
-    except Exception:
-        log.exception("could not record the expiry of job %s", job.get("job_id"))
+
+    def record() -> None:
+        try:
+            error = JobExpired("expired: not started before its deadline")
+            record_raw_failure(get_store(), get_redis(), get_settings().s3_prefix, job, error)
+        except Exception:
+            log.exception("could not record the expiry of job %s", job.get("job_id"))
+
+    # Celery sends this on the consumer's thread: S3 (maybe slow, or retrying) must not stall it.
+    threading.Thread(target=record, name="fleet-expiry-record", daemon=True).start()
 
 
 @task_failure.connect

@@ -184,7 +184,10 @@ class JobRunner:
         step_cb = self._step_reporter(spec, on_progress, is_cancelled)
         queue_wait = time.time() - spec.submitted_at if spec.submitted_at else None
         if self.batcher is not None:
-            generated = self.batcher.generate(spec, step_cb)
+            _, hard = contract.time_limits(
+                spec, self.settings.job_time_base_s, self.settings.job_time_per_mpx_step_s
+            )
+            generated = self.batcher.generate(spec, step_cb, timeout_s=hard)
         else:
             generated = self.generate_shrinking(spec, step_cb, jlog)
         worker_info["batch"] = {

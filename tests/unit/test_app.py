@@ -81,3 +81,30 @@ def test_a_threads_pool_worker_generates_through_one_batcher_thread(monkeypatch)
     thread.join()
     batcher = runners[0].batcher
     assert batcher is not None and batcher.max_batch == 1 and batcher.engine == "engine"
+
+
+def test_recording_an_expired_job_makes_no_s3_call_on_the_consumers_thread(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Celery sends task_revoked on the consumer's thread: a slow or retrying S3 write there
+    would stall every queue of the worker, so the record is written from a thread of its own."""
+    import worker.records
+    import worker.runtime
+    from worker import app as worker_app
+
+    writing = threading.Event()
+    release = threading.Event()
+    threads: list[str] = []
+
+    def slow_record(*_: object) -> None:
+        threads.append(threading.current_thread().name)
+        writing.set()
+        release.wait(10)
+
+    monkeypatch.setattr(worker.records, "record_raw_failure", slow_record)
+    monkeypatch.setattr(worker.runtime, "get_store", lambda: None)
+    monkeypatch.setattr(worker.runtime, "get_redis", lambda: None)
+    request = SimpleNamespace(id="late-job", kwargs={"job": {"job_id": "late-job"}})
+    try:
+        worker_app._record_expired(request=request, expired=True)  # returns while S3 is slow
+        assert writing.wait(5) and threads and threads[0] != threading.current_thread().name
+    finally:
+        release.set()

@@ -126,3 +126,27 @@ def test_a_configured_wait_lets_a_late_job_join(wait_s: float) -> None:
     out["b"] = batcher.generate(job("b"))
     first.join(5)
     assert engine.calls == [["a", "b"]]
+
+
+def test_a_hung_pipeline_call_fails_its_job_at_the_time_limit_then_refuses_the_rest() -> None:
+    """Celery's time limits do not reach a threads pool: the batcher's wait is bounded by the
+    job's time limit; once a call hung, later jobs go back to their queue (PipelineBroken, the
+    worker's failure) instead of each waiting out its own limit."""
+    from fleet.errors import JobTimedOut, PipelineBroken
+
+    release = threading.Event()
+
+    class HungEngine(StandInEngine):
+        def generate_batch(self, specs: list[JobSpec], on_step: Any = None) -> list[Generated]:
+            release.wait(30)
+            return super().generate_batch(specs, on_step)
+
+    batcher = Batcher(HungEngine(), max_batch=2)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(JobTimedOut, match="did not return within the job's time limit"):
+            batcher.generate(job("hung"), timeout_s=0.3)
+        with pytest.raises(PipelineBroken, match="has hung") as refused:
+            batcher.generate(job("next"), timeout_s=0.3)
+        assert refused.value.disposition == "worker"
+    finally:
+        release.set()

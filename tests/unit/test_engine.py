@@ -212,3 +212,25 @@ def test_an_error_the_job_did_not_cause_is_the_workers_when_the_self_test_fails_
         engine.generate(validate_job({"prompt": "a fox", "width": 64, "height": 64, "steps": 3,
                                       "negative_prompt": "x"}).model_copy(
                                           update={"width": 65}))  # fmt: skip
+
+
+def test_memory_is_released_after_a_soft_time_limit_too(engine: Engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    released: list[bool] = []
+    monkeypatch.setattr(engine, "release_memory", lambda: released.append(True))
+    real_pipe = engine.pipe
+
+    class StoppedPipe:
+        scheduler = real_pipe.scheduler
+
+        def __call__(self, **kw):  # type: ignore[no-untyped-def]
+            raise SoftTimeLimitExceeded()
+
+    engine.pipe = StoppedPipe()
+    try:
+        with pytest.raises(SoftTimeLimitExceeded):
+            engine.generate(job())
+    finally:
+        engine.pipe = real_pipe
+    assert released == [True]

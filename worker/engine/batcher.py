@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fleet.contract import JobSpec
-from fleet.errors import JobCancelled
+from fleet.errors import JobCancelled, JobTimedOut, PipelineBroken
 from worker.engine.engine import Engine, Generated, StepCallback
 
 log = logging.getLogger(__name__)
@@ -48,13 +48,22 @@ class Batcher:
         self._queue: list[_Item] = []
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
+        #: Why no job can run here any more: a pipeline call that never returned.
+        self.hung: str | None = None
 
-    def generate(self, spec: JobSpec, on_step: StepCallback | None = None) -> Generated:
-        """Generate one job, possibly together with others; blocks until its images are ready.
+    def generate(
+        self, spec: JobSpec, on_step: StepCallback | None = None, timeout_s: float | None = None
+    ) -> Generated:
+        """Generate one job, possibly together with others; blocks until its images are ready,
+        for ``timeout_s`` at most (the job's time limit: Celery's limits do not reach a threads
+        pool). Past it the job fails as timed out, and, the pipeline call still hanging, every
+        later job is refused as the worker's failure (PipelineBroken: back to its queue).
 
         ``on_step`` may raise JobCancelled: the job then leaves the batch (the others go on),
         and the pipeline is interrupted only when every job in the batch is cancelled.
         """
+        if self.hung is not None:
+            raise PipelineBroken(self.hung)
         item = _Item(spec, on_step)
         with self._cv:
             if self._thread is None:
@@ -63,7 +72,12 @@ class Batcher:
                 self._thread.start()
             self._queue.append(item)
             self._cv.notify_all()
-        item.done.wait()
+        if not item.done.wait(timeout_s):
+            self.hung = (f"a pipeline call has hung for over {timeout_s:.0f} s (job "
+                         f"{spec.job_id}): restart the worker")  # fmt: skip
+            log.error("%s", self.hung)
+            raise JobTimedOut(f"stopped after {timeout_s:.0f} s: its batch's pipeline call did "
+                              "not return within the job's time limit")  # fmt: skip
         if item.error is not None:
             raise item.error
         assert item.result is not None

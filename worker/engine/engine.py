@@ -180,6 +180,7 @@ class Engine:
             with torch.inference_mode():
                 out = self.pipe(**kwargs)
         except (SoftTimeLimitExceeded, JobCancelled):
+            self.release_memory()  # the interrupted call's activations stay cached otherwise
             raise  # recorded as a timeout / a cancellation by the caller
         except torch.cuda.OutOfMemoryError as exc:
             self.release_memory()
