@@ -176,7 +176,8 @@ def _norm_prefix(prefix: str) -> str:
 #: Task and queue of webhook deliveries (a light queue, so no job waits behind them).
 TASK_WEBHOOK = "fleet.webhook"
 WEBHOOK_QUEUE = "fleet.webhooks"
-#: Header with ``sha256=<hex HMAC-SHA256 of the raw body, keyed with the shared secret>``.
+#: Header with ``sha256=<hex HMAC-SHA256 of "<X-Fleet-Timestamp>." + the raw body, keyed with
+#: the shared secret>`` (docs/webhooks.md).
 WEBHOOK_SIGNATURE_HEADER = "X-Fleet-Signature"
 
 

@@ -94,7 +94,8 @@ class WebhookGroup(BaseModel):
     """Webhook deliveries (the address check is ``webhook_allow_private`` in the limits)."""
 
     webhook_secret: SecretStr | None = Field(
-        None, description="Shared secret for the HMAC-SHA256 signature of webhook bodies."
+        None,
+        description="Shared secret of the webhook signature (HMAC-SHA256 of timestamp and body).",
     )
     webhook_max_retries: int = Field(8, description="Delivery attempts after the first.")
     webhook_timeout_s: float = Field(10.0, description="Timeout of one webhook POST.")

@@ -238,3 +238,42 @@ def test_redis_that_may_evict_the_fleets_keys_is_refused_or_warned_about(
             assert c.stats()["queues"]["evicting"] == 1
     finally:
         services.stop()
+
+
+def test_a_gated_hub_model_without_a_token_takes_no_job_and_asks_for_one(
+    start_worker, qclient: Client, queue: str
+) -> None:
+    """The hub answers 401 for a gated model without a token (here a local HTTP server that
+    answers as the hub does, at HF_ENDPOINT; the real huggingface_hub client asks it)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    asked: list[str] = []
+
+    class GatedHub(BaseHTTPRequestHandler):
+        def _gated(self) -> None:
+            asked.append(self.path)
+            body = b'{"error": "Access to model org/gated is restricted. You must have access."}'
+            self.send_response(401)
+            self.send_header("X-Error-Code", "GatedRepo")
+            self.send_header("X-Error-Message", "Access to model org/gated is restricted.")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = _gated
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    hub = ThreadingHTTPServer(("127.0.0.1", 0), GatedHub)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    try:
+        _takes_no_job(start_worker, qclient, queue, "set HF_TOKEN",
+                      FLEET_MODEL="org/gated", FLEET_LOCAL_FILES_ONLY="false", HF_HUB_OFFLINE="0",
+                      HF_ENDPOINT=f"http://127.0.0.1:{hub.server_address[1]}")  # fmt: skip
+        assert asked, "the worker never asked the hub"
+    finally:
+        hub.shutdown()

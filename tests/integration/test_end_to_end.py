@@ -202,6 +202,8 @@ def test_presigned_urls_are_neither_logged_nor_stored_but_made_when_read(
                         ("the worker's log", worker.log())):  # fmt: skip
         assert "X-Amz-Signature" not in text and "Signature=" not in text, where
     assert AsyncResult(handle.job_id, app=client.celery).result["images"][0]["url"] is None
+    # Redis keeps the job's JSON once (in the queue while it waits), not again in its result.
+    assert "no bearer links in the logs" not in raw.decode() and "kwargs" not in json.loads(raw)
     url = client.status(handle.job_id).result.images[0].url
     assert url and "X-Amz-Signature" in url
     with urllib.request.urlopen(url, timeout=30) as resp:

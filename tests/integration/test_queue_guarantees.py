@@ -249,7 +249,7 @@ def test_a_drain_lets_a_short_job_finish_and_puts_a_long_one_back_at_once(
     assert "back to its queue" not in short.log()
 
     long = start_worker("drain-long", queues=queue, FLEET_DRAIN_TIMEOUT_S="3")
-    slow = qclient.submit(JobSpec(prompt="too long", width=256, height=256, steps=150))
+    slow = qclient.submit(JobSpec(prompt="too long", width=128, height=128, steps=150))
     wait_until(lambda: qclient.status(slow.job_id).state == "started", 60, "the job started")
     stopped = time.monotonic()
     os.kill(long.proc.pid, signal.SIGTERM)

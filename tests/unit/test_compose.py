@@ -243,6 +243,15 @@ def test_workers_shut_down_warm_with_time_for_a_job(config: dict, raw: dict) -> 
         assert seconds(raw["services"][name]["stop_grace_period"]) >= 300
 
 
+def test_the_drain_ends_before_the_grace_period_does(config: dict) -> None:
+    """A job still running at FLEET_DRAIN_TIMEOUT_S goes back to its queue (a cold shutdown)
+    60 s before Docker's SIGKILL, so it is never left to the visibility timeout."""
+    for name, svc in workers(config).items():
+        drain = float(svc["environment"]["FLEET_DRAIN_TIMEOUT_S"])
+        assert 0 < drain <= seconds(svc["stop_grace_period"]) - 60, name
+    assert "noeviction" in config["services"]["redis"]["command"]
+
+
 def test_redis_s3_flower_and_volumes(config: dict) -> None:
     services = config["services"]
     redis_cmd = services["redis"]["command"]
@@ -390,9 +399,10 @@ def test_generator_options_and_errors(tmp_path: Path) -> None:
     assert list(gpu_workers(config)) == ["worker-gpu0"]
     assert device_ids(config["services"]["worker-balanced"]) == ["2", "3"]
     assert seconds(config["services"]["worker-gpu0"]["stop_grace_period"]) == 1800
+    assert config["services"]["worker-gpu0"]["environment"]["FLEET_DRAIN_TIMEOUT_S"] == "1740"
     assert generate("3") == generate("3")  # deterministic
     for bad in (["0"], ["2", "--balanced-gpus", "x"], ["2", "--balanced-gpus", "3,3"],
-                ["2", "--batch", "0"]):  # fmt: skip
+                ["2", "--batch", "0"], ["2", "--stop-grace-period", "60s"]):  # fmt: skip
         proc = subprocess.run(
             [str(GENERATOR), *bad],
             env={**os.environ, "PYTHON": sys.executable},
