@@ -728,7 +728,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan.validate(WorkerSettings())
     except (FleetError, ValidationError) as exc:
         if rank in (None, 0):  # every process of a launcher checks; one says why
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        else:
+            # A launcher stops every process once one exits: give rank 0 the time to say why.
+            time.sleep(3.0)
         return EXIT_INVALID
     try:
         if mode == "spawn":
