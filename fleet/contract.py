@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import reprlib
 import secrets
@@ -50,7 +51,8 @@ SCHEDULERS: tuple[str, ...] = (
     "heun",
     "unipc",
 )
-JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: \Z, not $: "$" also matches before a final newline ("abc\n" would pass).
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 JOB_STATES = ("queued", "started", "succeeded", "failed", "cancelled", "unknown")
 JobState = Literal["queued", "started", "succeeded", "failed", "cancelled", "unknown"]
 #: Priorities: 0 (last) to 9 (first); jobs without one get DEFAULT_PRIORITY.
@@ -361,6 +363,18 @@ class JobSpec(BaseModel):
                 data["seed"] = derived_seed(data["job_id"])
         return data
 
+    @field_validator("schema_version", "width", "height", "steps", "images", "guidance",
+                     "submitted_at", mode="before")  # fmt: skip
+    @classmethod
+    def _json_number(cls, v: Any) -> Any:
+        """A number field takes a number: not a boolean (pydantic reads true as 1) nor a
+        string ("512"); only the seed may come as a decimal string."""
+        if isinstance(v, bool):
+            raise ValueError("must be a number, not a boolean")
+        if isinstance(v, str | bytes | bytearray):
+            raise ValueError("must be a number, not a string")
+        return v
+
     @field_validator("schema_version")
     @classmethod
     def _schema(cls, v: int) -> int:
@@ -427,10 +441,17 @@ class JobSpec(BaseModel):
         if isinstance(v, bool):
             raise ValueError("must be an integer, not a boolean")
         if isinstance(v, str):
-            if not v.strip().isdigit():
-                raise ValueError("must be an unsigned 64-bit integer (digits only)")
-            v = int(v.strip())
-        if isinstance(v, int) and not 0 <= v < SEED_MODULUS:
+            text = v.strip()
+            if not (text.isascii() and text.isdigit()):  # "١٢" and "²" are digits to Python
+                raise ValueError("must be an unsigned 64-bit integer (digits 0-9 only)")
+            v = int(text)
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, v: int) -> int:
+        # After the conversion: -1.0 (or a decimal) becomes the integer -1 only then.
+        if not 0 <= v < SEED_MODULUS:
             raise ValueError(f"must be an unsigned 64-bit integer, 0 to {SEED_MODULUS - 1}")
         return v
 
@@ -470,6 +491,13 @@ class JobSpec(BaseModel):
         # check runs in validate_job, which the producer and the worker always call.
         allow = _limits(info).webhook_allow_private if info.context else True
         check_webhook_url(v, allow_private=allow)
+        return v
+
+    @field_validator("submitted_at")
+    @classmethod
+    def _submitted_at(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite Unix time in seconds")
         return v
 
     def seeds(self) -> list[int]:

@@ -49,6 +49,7 @@ class JobRunner:
         engine: Engine,
         store: ObjectStore,
         batcher: Batcher | None = None,
+        gives_back: bool = False,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -56,6 +57,9 @@ class JobRunner:
         #: With a batcher (batch workers), jobs from many task threads share pipeline calls.
         self.batcher = batcher
         self.spool = Spool(settings)
+        #: A queue worker gives a job back on a worker error (it is not the job's failure);
+        #: a one-shot run has no queue to give it back to, so it records the failure.
+        self.gives_back = gives_back
 
     def run(
         self,
@@ -131,7 +135,7 @@ class JobRunner:
             self.record_failure(spec, exc, jlog)
             raise
         except FleetError as exc:
-            if exc.disposition == "worker":
+            if exc.disposition == "worker" and self.gives_back:
                 raise  # not the job's failure: it goes back to its queue (worker.policies)
             self.record_failure(spec, exc, jlog)
             raise

@@ -85,7 +85,7 @@ def get_runner() -> JobRunner:
             batcher = Batcher(engine, settings.batch_size, settings.batch_wait_s)
         store = ObjectStore(settings)
         store.verified = _storage_verified
-        _runner = JobRunner(settings, engine, store, batcher)
+        _runner = JobRunner(settings, engine, store, batcher, gives_back=True)
     return _runner
 
 
