@@ -45,6 +45,11 @@ def broker_error(exc: BaseException, url: str) -> FleetError | None:
             f"Redis at {where} refused the password: put the right one in FLEET_REDIS_URL "
             "(redis://:PASSWORD@host:port/db) or FLEET_RESULT_BACKEND_URL"
         )
+    if any(isinstance(e, redis.InvalidResponse) for e in chain):
+        return BrokerUnavailable(
+            f"{where} answered, but not as Redis: is the port right? (a TLS port needs "
+            "rediss://, docs/security.md)"
+        )
     if any(isinstance(e, redis.ConnectionError | redis.TimeoutError | OperationalError)
            for e in chain):  # fmt: skip
         return BrokerUnavailable(

@@ -26,6 +26,10 @@ def celery_config(settings: FleetSettings) -> dict[str, Any]:
         # result_expires, in every state stored (STARTED, PROGRESS, FAILURE, SUCCESS); the
         # manifest in S3 keeps the recipe (scripts/bench_redis_memory.py measures the cost).
         "result_extended": False,
+        # Celery's result backend waits 120 s on a Redis that accepts and never answers:
+        # `producer status` would hang that long. Fail within seconds, clearly, instead.
+        "redis_socket_timeout": 5.0,
+        "redis_socket_connect_timeout": 5.0,
         # JSON only: pickle from the queue would run arbitrary code in the worker.
         "task_serializer": "json",
         "result_serializer": "json",

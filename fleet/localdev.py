@@ -682,10 +682,11 @@ class SeaweedS3(_Server):
         # weed leaves unix sockets behind even on a clean stop, some in /tmp (named by port;
         # no flag moves them): without this, every start would add a few there for good.
         paths = [self.workdir / "s3.sock", self.workdir / "filer.sock"]
+        tmp = Path("/tmp")  # nosec B108  # weed's own socket names; removed only if nobody listens
         for component in WEED_COMPONENTS:
-            paths.append(Path(f"/tmp/seaweedfs-{component}-{ports[f'{component}.port']}.sock"))
+            paths.append(tmp / f"seaweedfs-{component}-{ports[f'{component}.port']}.sock")
             grpc = ports[f"{component}.port.grpc"]
-            paths.append(Path(f"/tmp/seaweedfs-{component}-grpc-{grpc}.sock"))
+            paths.append(tmp / f"seaweedfs-{component}-grpc-{grpc}.sock")
         return paths
 
 

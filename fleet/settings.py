@@ -74,6 +74,15 @@ class RedisGroup(BaseModel):
     def backend_url(self) -> str:
         return self.result_backend_url or self.redis_url
 
+    @field_validator("redis_url", "result_backend_url")
+    @classmethod
+    def _verify_tls(cls, url: str | None) -> str | None:
+        """A ``rediss://`` URL checks the server's certificate unless it says otherwise: kombu
+        would connect unverified, with a warning, and Celery's backend refuses the URL."""
+        if url and url.startswith("rediss://") and "ssl_cert_reqs=" not in url:
+            url += ("&" if "?" in url else "?") + "ssl_cert_reqs=required"
+        return url
+
 
 class S3Group(BaseModel):
     """The S3-compatible store the images, manifests and failure records go to."""

@@ -175,7 +175,7 @@ def run_fleet(medium: Path, workdir: Path, batch: int, overlap: bool = False) ->
         pool = ["--pool", "threads", "--concurrency", str(2 * batch)] if batch > 1 or overlap else [
             "--pool", "prefork", "--concurrency", "1"]  # fmt: skip
         log = (workdir / f"worker-{name}.log").open("w")
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # nosec B603  # the documented worker command, no shell
             [sys.executable, "-m", "celery", "-A", "worker.app", "worker", *pool,
              "--queues", "fleet", "--hostname", "gpu0@%h", "--loglevel", "INFO",
              "--without-gossip", "--without-mingle"],
@@ -248,7 +248,7 @@ def main() -> int:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     print(json.dumps(RESULTS["env"]), flush=True)
-    models = Path("/tmp/fleet-models")
+    models = args.out / "models"  # not a shared /tmp folder another user could fill first
     medium = build_test_model("medium", models / "medium")
     sdxl_model = build_test_model("sdxl-tiny", models / "sdxl-tiny")
     pinned(medium)

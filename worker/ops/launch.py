@@ -65,7 +65,7 @@ def detect_gpus() -> list[int]:
     """GPU indices, from nvidia-smi (no CUDA initialised in the launcher), else from torch."""
     smi = shutil.which("nvidia-smi")
     if smi:
-        out = subprocess.run(
+        out = subprocess.run(  # nosec B603  # nvidia-smi found on PATH, fixed arguments
             [smi, "--query-gpu=index", "--format=csv,noheader"],
             capture_output=True,
             text=True,
@@ -95,7 +95,7 @@ class Slot:
     starts: int = field(default=0)
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env=self.env)
+        self.proc = subprocess.Popen(self.argv, env=self.env)  # nosec B603  # our worker argv
         self.started_at = time.monotonic()
         self.starts += 1
         log.info("started %s (pid %d, start %d)", self.name, self.proc.pid, self.starts)

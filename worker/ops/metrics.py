@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from typing import Any
 
+#: Prometheus scrapes from another host or container; FLEET_METRICS_ADDR narrows it.
+ALL_INTERFACES = "0.0.0.0"  # nosec B104  # by design: docs/alerts.md, docs/security.md
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -45,8 +47,8 @@ def serve(port: int, redis_url: str | None = None) -> None:
         from worker.ops.alerts import AlertCollector, alert_client
 
         registry.register(AlertCollector(alert_client(redis_url)))
-    start_http_server(port, addr=os.environ.get("FLEET_METRICS_ADDR", "0.0.0.0"),
-                      registry=registry)  # fmt: skip
+    addr = os.environ.get("FLEET_METRICS_ADDR", ALL_INTERFACES)
+    start_http_server(port, addr=addr, registry=registry)
     log.info("metrics on :%d/metrics", port)
 
 
