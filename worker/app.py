@@ -135,7 +135,9 @@ def _make_gate(sender: str | None = None, **_: Any) -> None:
     client = redis.Redis.from_url(url, socket_timeout=5)
     gate.GATE = gate.Gate(client)
     try:
-        client.ping()
+        # A restarted worker keeps its node name: the state its last process left ("ready")
+        # must not open the gate before this one's pool child has checked again.
+        gate.publish_state(client, sender, gate.STARTING, "starting")
     except redis.RedisError as exc:
         # Celery's consumer retries the connection forever, saying little: say what to fix.
         error = broker_error(exc, url)

@@ -81,6 +81,9 @@ class Engine:
         self.placement: Placement | None = None
         self.load_seconds: float | None = None
         self._lock = threading.Lock()
+        #: One pipeline call at a time: a restarted pool child's self-test (warm-up thread) and
+        #: its first job (task thread) must not share the pipeline and its scheduler.
+        self._calls = threading.RLock()
         self._call_params: set[str] = set()
         self._base_scheduler_config: Any = None
         self.speed: dict[str, Any] = {}
@@ -132,8 +135,8 @@ class Engine:
         self.setup()
         side = max(64, 8 * int(getattr(self.pipe, "vae_scale_factor", 8) or 8))
         spec = JobSpec(prompt="self-test", width=side, height=side, steps=2, guidance=1.0)
-        self.pipe.scheduler = self.scheduler_for("default")
-        with torch.inference_mode():
+        with self._calls, torch.inference_mode():
+            self.pipe.scheduler = self.scheduler_for("default")
             self.pipe(**self.batch_kwargs([spec]))
 
     def describe(self) -> dict[str, Any]:
@@ -175,10 +178,9 @@ class Engine:
         self.setup()
         assert self.placement is not None
         started = time.perf_counter()
-        kwargs = self.batch_kwargs(specs, on_step)
         try:
-            with torch.inference_mode():
-                out = self.pipe(**kwargs)
+            with self._calls, torch.inference_mode():
+                out = self.pipe(**self.batch_kwargs(specs, on_step))
         except (SoftTimeLimitExceeded, JobCancelled):
             self.release_memory()  # the interrupted call's activations stay cached otherwise
             raise  # recorded as a timeout / a cancellation by the caller
