@@ -295,7 +295,11 @@ def quote_value(value: object) -> object:
 
 
 def quote_name(name: str) -> str:
-    """A field name (or an unknown key, which can be of any length) as a message shows it."""
+    """A field name (or an unknown key, which can be of any length) as a message shows it,
+    control characters escaped as repr escapes them (an unknown key holding a newline must not
+    start a line of its own in a log)."""
+    if not name.isprintable():
+        name = repr(name)[1:-1]
     if len(name) <= QUOTE_CHARS:
         return name
     return f"{name[:QUOTE_CHARS]}… ({len(name):,} characters)"

@@ -270,7 +270,7 @@ def cancel_checker(get_redis: Callable[[], redis.Redis], job: Any) -> Callable[[
 
 
 def dead_letter(client: redis.Redis, task: Task, job: Any, reason: str) -> None:
-    """Keep a job no worker could run in the dead letters (``producer dead-letters``)."""
+    """Keep a job no worker could run in the dead letters (``producer failed`` lists them)."""
     import json
     from datetime import datetime, timezone
 
