@@ -176,7 +176,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         try:
             headers = json.loads(text).get("headers", {})
             task_id = headers.get("id") if isinstance(headers, dict) else None
-        except (ValueError, TypeError, AttributeError):  # not JSON, or not an object: no id
+        except (ValueError, TypeError, AttributeError, RecursionError):  # not a JSON object: no id
             pass
         entry = {
             "queue": queue,
