@@ -89,7 +89,7 @@ def test_a_job_longer_than_the_visibility_timeout_is_delivered_once(
     # lease the job would be handed to the second worker while the first still runs it.
     a = start_worker("lease-a", queues=queue, **FAST_REDELIVERY)
     b = start_worker("lease-b", queues=queue, **FAST_REDELIVERY)
-    long = qclient.submit(JobSpec(prompt="long", width=128, height=128, steps=150))
+    long = qclient.submit(JobSpec(prompt="long", width=192, height=192, steps=150))
     st = long.wait(timeout=180)
     assert st.state == "succeeded", st
     elapsed = st.result.timings["total_s"] if st.result else 0
