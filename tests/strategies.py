@@ -657,7 +657,9 @@ def bad_argv(draw: st.DrawFn) -> ArgvCase:
         prompt_list, names = prompt_list + extra, ("job_id",)
     elif kind == "unknown-option":
         option = draw(st.sampled_from(UNKNOWN_OPTIONS))
-        options, names = [*options, f"{option}={draw(text(0, 10))}"], (option,)
+        # No space in it: argparse takes "--bogus= x" for a positional (a prompt), on purpose.
+        value = draw(text(0, 10).filter(lambda v: " " not in v))
+        options, names = [*options, f"{option}={value}"], (option,)
     else:  # a --file that cannot be read
         missing = f"/nonexistent-{draw(valid_job_ids())}/prompts.txt"
         options, names = [*options, f"--file={missing}"], ("--file",)
