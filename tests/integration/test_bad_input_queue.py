@@ -277,8 +277,11 @@ def run_batch(
         # Entries with odd headers may run late (an eta) or never end: a short grace, no more.
         with contextlib.suppress(TimeoutError):
             wait_until(lambda: done(("handled",)), HANDLED_GRACE_S, "odd headers", interval=0.2)
-    if alive:  # the dead letters of the last entries are written before the valid job runs
-        time.sleep(0.5)
+    if alive:  # every entry that must be dead-lettered is, before the verdicts (polled)
+        expected = sum(s.entry.expect == "dead-letter" for s in sent)
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: len(new_dead_letters(client, queue, since)) >= expected, 10,
+                       "the dead letters", interval=0.1)  # fmt: skip
     letters = new_dead_letters(client, queue, since)
     dead = Counter((d.get("raw") or "", int(d.get("raw_chars") or 0)) for d in letters)
     schema_ids = {s.task_id for s in sent if newer_schema(s)}
