@@ -78,23 +78,19 @@ def check_readiness(
     """Check Redis's settings, load the model, generate a self-test image, pass the storage
     canary, and publish the outcome; returns the state."""
     publish_state(client, node, STARTING, "loading the model")
-    if redis_check is not None:
+    # Each step: what to run, the errors that mean "broken", and what to tell the operator.
+    steps: list[tuple[Callable[[], None] | None, type[Exception], Callable[[Exception], str]]] = [
+        (redis_check, FleetError, lambda e: f"Redis would lose the fleet's keys: {e}"),
+        (load_model, Exception, lambda e: f"the model cannot load: {e} ({_load_hint(e)})"),
+        (self_test, Exception, lambda e: f"the pipeline fails its self-test: {e}"),
+    ]  # fmt: skip
+    for step, fails_with, say in steps:
+        if step is None:
+            continue
         try:
-            redis_check()
-        except FleetError as exc:
-            declare_broken(client, node, f"Redis would lose the fleet's keys: {exc}")
-            return BROKEN
-    if load_model is not None:
-        try:
-            load_model()
-        except Exception as exc:
-            declare_broken(client, node, f"the model cannot load: {exc} ({_load_hint(exc)})")
-            return BROKEN
-    if self_test is not None:
-        try:
-            self_test()
-        except Exception as exc:
-            declare_broken(client, node, f"the pipeline fails its self-test: {exc}")
+            step()
+        except fails_with as exc:
+            declare_broken(client, node, say(exc))
             return BROKEN
     delay = 1.0
     while True:
