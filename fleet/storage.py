@@ -44,11 +44,16 @@ def make_s3_client(settings: FleetSettings) -> Any:
 
     SigV4 (SeaweedFS rejects presigned PUTs without it), checksums only when required (boto3 >= 1.36
     sends checksum headers several S3-compatible servers reject), 'standard' retry mode.
+
+    FLEET_S3_MAX_ATTEMPTS counts attempts, the first included: botocore's ``max_attempts`` key
+    counts *retries* (``max_attempts=5`` makes 6 attempts), ``total_max_attempts`` attempts.
+    Standard mode retries throttling (503 SlowDown), 5xx, connection errors and read timeouts
+    with jittered exponential backoff; a read timeout of 30 s bounds each try.
     """
     config = Config(
         signature_version="s3v4",
         s3={"addressing_style": settings.s3_addressing_style},
-        retries={"mode": "standard", "max_attempts": settings.s3_max_attempts},
+        retries={"mode": "standard", "total_max_attempts": max(1, settings.s3_max_attempts)},
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
         connect_timeout=5,
@@ -177,24 +182,32 @@ class ObjectStore:
     def honours_conditional_writes(self, probe_prefix: str = "") -> bool:
         """Probe whether the store refuses a conditional write whose condition fails (S3 since
         2024, SeaweedFS since 3.97, MinIO, R2). Without it, failure records fall back to read
-        then write, which a concurrent success can race (documented in docs/reliability.md)."""
+        then write, which a concurrent success can race (documented in docs/reliability.md).
+        Raises StorageError when the store is away or slow (the probe says nothing then)."""
         key = f"{probe_prefix}fleet-probes/conditional-{uuid.uuid4().hex}.json"
+        self.put_json(key, {"probe": 1})
         try:
-            self.put_json(key, {"probe": 1})
-            refused = not self.put_json_if(key, {"probe": 2}, etag=None)
-            return refused
-        except StorageError as exc:
-            log.warning("conditional-write probe failed (%s); using read-then-write", exc)
+            return not self.put_json_if(key, {"probe": 2}, etag=None)
+        except (StorageError, StorageRefused) as exc:
+            if isinstance(exc, StorageError) and not _answered_unsupported(exc):
+                raise
+            log.warning("conditional-write probe refused (%s); using read-then-write", exc)
             return False
         finally:
-            with contextlib.suppress(StorageError):
+            with contextlib.suppress(StorageError, StorageRefused):
                 self.delete(key)
 
     @property
     def conditional_writes(self) -> bool:
-        """Whether this store honours conditional writes (probed once, on first use)."""
+        """Whether this store honours conditional writes (probed once, on first use). A probe
+        that met an outage or a SlowDown is not kept: read-then-write for this call, and the
+        next use probes again, so a short outage never settles the answer for the process."""
         if self._conditional is None:
-            self._conditional = self.honours_conditional_writes()
+            try:
+                self._conditional = self.honours_conditional_writes()
+            except StorageError as exc:
+                log.warning("conditional-write probe failed (%s); read-then-write this time", exc)
+                return False
             log.info("storage honours conditional writes: %s", self._conditional)
         return self._conditional
 
@@ -247,6 +260,16 @@ def refusal_of(exc: ClientError) -> str | None:
 
 def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+
+
+def _answered_unsupported(exc: StorageError) -> bool:
+    """The store answered the conditional write with a 4xx (not 429) or 501: it does not take
+    the condition. Any other failure (away, 5xx, SlowDown) says nothing about conditions."""
+    cause = exc.__cause__
+    if not isinstance(cause, ClientError) or _code(cause) in {"SlowDown", "Throttling"}:
+        return False
+    status = int(cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    return status == 501 or (400 <= status < 500 and status != 429)
 
 
 def _code(exc: ClientError) -> str:

@@ -99,3 +99,36 @@ def test_the_readiness_check_publishes_ready_broken_or_waits_for_storage() -> No
 
     assert gate.check_readiness(r, "n", None, away_twice, sleep=tries.append) == gate.READY  # type: ignore[arg-type]
     assert tries == [1.0, 2.0]  # backoff while storage is away
+
+
+def test_a_conditional_write_probe_that_meets_an_outage_is_not_kept() -> None:
+    """A SlowDown during the first probe must not settle "no conditional writes" for the life
+    of the process (failure records would race successes from then on)."""
+    store, stub = stubbed()
+    stub.add_response("put_object", {})  # the probe object
+    stub.add_client_error("put_object", service_error_code="SlowDown", http_status_code=503)
+    stub.add_response("delete_object", {})
+    # The next use probes again, and the store does refuse the failed condition.
+    stub.add_response("put_object", {})
+    stub.add_client_error("put_object", service_error_code="PreconditionFailed",
+                          http_status_code=412)  # fmt: skip
+    stub.add_response("delete_object", {})
+    with stub:
+        assert store.conditional_writes is False  # read-then-write for this one call
+        assert store.conditional_writes is True
+        assert store.conditional_writes is True  # kept now: no third probe
+        stub.assert_no_pending_responses()
+
+
+@pytest.mark.parametrize(("code", "status"), [("NotImplemented", 501), ("InvalidArgument", 400)])
+def test_a_store_that_answers_it_does_not_take_conditions_is_kept_as_such(
+    code: str, status: int
+) -> None:
+    store, stub = stubbed()
+    stub.add_response("put_object", {})
+    stub.add_client_error("put_object", service_error_code=code, http_status_code=status)
+    stub.add_response("delete_object", {})
+    with stub:
+        assert store.conditional_writes is False
+        assert store.conditional_writes is False  # no second probe: nothing pending is used
+        stub.assert_no_pending_responses()
