@@ -21,7 +21,7 @@ from fleet.errors import (
     JobValidationError,
 )
 from fleet.settings import ProducerSettings
-from producer.client import Client
+from producer.client import MAX_DEADLINE_S, Client
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_BROKER = 0, 1, 2, 3, 4
 #: Up to this many jobs, `wait` shows one progress bar per job; above, one bar for all.
@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--deadline",
         type=float,
         metavar="SECONDS",
-        help="a job not started within this many seconds is not run",
+        help="a job not started within this many seconds is not run (above 0, at most "
+        f"{MAX_DEADLINE_S} = 30 days)",
     )
     s.add_argument("--wait", action="store_true", help="wait for the jobs and print their images")
     _add_wait_options(s)

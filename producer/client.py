@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -36,6 +37,10 @@ _MESSAGE_ID = re.compile(rb'"id":\s*"([^"]+)"')
 
 _RUNNING_STATES = {"STARTED", "PROGRESS", "RETRY"}
 
+#: The longest ``deadline_s`` (``--deadline``) a job may have: 30 days, far past any real wait
+#: in a queue and well inside what Celery turns into an ``expires`` date.
+MAX_DEADLINE_S = 30 * 24 * 3600
+
 
 def _ended(
     job_id: str, state: Literal["failed", "cancelled"], error: str, error_type: str | None
@@ -48,6 +53,22 @@ def _ended(
 def check_priority(priority: int) -> None:
     if not contract.MIN_PRIORITY <= priority <= contract.MAX_PRIORITY:
         raise JobValidationError([("priority", priority, "must be from 0 (last) to 9 (first)")])
+
+
+def check_deadline(deadline_s: float | None) -> None:
+    """A deadline is None (none) or a finite number of seconds above 0, at most
+    MAX_DEADLINE_S; JobValidationError naming ``deadline`` otherwise."""
+    if deadline_s is None:
+        return
+    ok = (
+        isinstance(deadline_s, int | float)
+        and not isinstance(deadline_s, bool)
+        and math.isfinite(deadline_s)
+        and 0 < deadline_s <= MAX_DEADLINE_S
+    )
+    if not ok:
+        why = f"must be a number of seconds above 0 and at most {MAX_DEADLINE_S} (30 days)"
+        raise JobValidationError([("deadline", deadline_s, why)])
 
 
 @dataclass
@@ -124,7 +145,8 @@ class Client:
     ) -> JobHandle:
         """Validate and enqueue one job. The same job id submitted twice enqueues once.
 
-        ``deadline_s``: a job not started within this many seconds is not started at all.
+        ``deadline_s``: a job not started within this many seconds is not started at all
+        (above 0, at most MAX_DEADLINE_S: 30 days).
         ``priority``: 0 (last) to 9 (first); the default is 5.
         """
         return self.submit_many([job], deadline_s=deadline_s, priority=priority)[0]
@@ -138,6 +160,7 @@ class Client:
     ) -> list[JobHandle]:
         """Validate every job first (nothing is enqueued if one is bad), then enqueue each."""
         check_priority(priority)
+        check_deadline(deadline_s)
         specs = [self.validate(job) for job in jobs]
         self.check_redis()
         return [self._enqueue(spec, deadline_s, priority) for spec in specs]

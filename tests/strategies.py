@@ -9,9 +9,7 @@ for command lines (:class:`ArgvCase`) and for queue entries (:class:`Entry`), wh
 must become of them.
 
 ``FLEET_HYPOTHESIS_EXAMPLES`` sets the examples per property (default 200; ``scripts/
-soak_bad_input`` runs 1,000). ``FLEET_BAD_INPUT_KNOWN_BUGS=1`` also generates the queue entries
-of the bugs listed in :data:`KNOWN_BUGS` (which stop or silently drop on a worker today); by
-default they are left to the hand-written, expected-to-fail cases.
+soak_bad_input`` runs 1,000).
 """
 
 from __future__ import annotations
@@ -32,40 +30,25 @@ from hypothesis import strategies as st
 
 from fleet import contract
 from fleet.contract import SCHEDULERS, SEED_MODULUS, Limits, quote_name, quote_value
+from worker.ops.transport import MAX_BODY_DEPTH
 
 EXAMPLES_ENV = "FLEET_HYPOTHESIS_EXAMPLES"
-KNOWN_BUGS_ENV = "FLEET_BAD_INPUT_KNOWN_BUGS"
 REPORT_ENV = "FLEET_BAD_INPUT_REPORT"
 LIMITS = Limits()
 #: The model the test workers serve (tests/conftest.py: FLEET_MODEL_NAME=tiny).
 SERVED_MODEL = "tiny"
-#: Deepest nesting a generated job value has by default: a job 500 levels deep stops a worker
-#: (KNOWN_BUGS); the transport dead-letters bodies of about 1,000 levels and more.
+#: Deepest nesting of a generated value of a field that is not text (text fields go deeper).
 SAFE_DEPTH = 200
+#: Deepest nesting of a generated job value sent to a worker: past the transport's limit
+#: (MAX_BODY_DEPTH: such a job is dead-lettered) and the ~500 levels whose pickling for the
+#: pool once stopped a worker, within what ``json.dumps`` writes under hypothesis (~900).
+QUEUE_DEPTH = 600
 DEEP_DEPTH = 100_000
-
-#: What the queue layer finds and the hand-written xfail cases pin down (the report repeats it).
-KNOWN_BUGS = {
-    "deep-job": "a job value nested ~500-980 levels deep passes the transport's JSON check and "
-    "stops the worker: RecursionError pickling it for the pool (celery/concurrency/asynpool.py "
-    "send_job), 'Unrecoverable error'; the entry is restored and stops the next worker too",
-    "header-values": "envelope headers/properties of the wrong type stop the worker "
-    "(timelimit 'x' or [1,2,3] or ['a','b'], task ['a'], stamped_headers 5, delivery_tag "
-    "{...}): worker/ops/transport.py decode_entry checks only the envelope's shape",
-    "dropped": "entries Celery refuses after the transport let them through are only logged: "
-    "not dead-lettered, no failure record (pickle and other content types, eta/expires "
-    "that are not dates, body_encoding other than base64, kombu type markers such as "
-    '{"__type__": "nope", ...} in the body)',
-}
 
 
 def examples(default: int = 200) -> int:
     """Examples per property: FLEET_HYPOTHESIS_EXAMPLES, else ``default``."""
     return max(1, int(os.environ.get(EXAMPLES_ENV) or default))
-
-
-def known_bugs() -> bool:
-    return os.environ.get(KNOWN_BUGS_ENV, "") not in ("", "0", "false", "no")
 
 
 def fleet_settings(max_examples: int | None = None, shrink: bool = True) -> settings:
@@ -386,7 +369,7 @@ def mutations(queue: bool = False) -> st.SearchStrategy[Mutation]:
     NaN and infinities, huge and binary strings, lone surrogates, NUL bytes, deep nesting,
     extra and missing fields. ``queue``: values JSON can carry (no huge megabyte strings in
     every example) and the worker's own rules (a model it does not serve)."""
-    depth = DEEP_DEPTH if known_bugs() or not queue else SAFE_DEPTH
+    depth = QUEUE_DEPTH if queue else DEEP_DEPTH
     huge = 200_000 if queue else 1_000_000
     lim = LIMITS
     kinds: list[st.SearchStrategy[Mutation]] = []
@@ -752,18 +735,34 @@ class Entry:
 REMOVE = "<remove>"
 
 
+def depth_of(value: Any) -> int:
+    """How many lists and objects deep ``value`` is (a scalar 0, ``[]`` 1), level by level:
+    generated values are deeper than Python's recursion limit."""
+    depth, level = 0, [value]
+    while True:
+        containers = [v for v in level if isinstance(v, list | dict)]
+        if not containers:
+            return depth
+        depth += 1
+        level = [c for v in containers for c in (v.values() if isinstance(v, dict) else v)]
+
+
 @st.composite
 def job_entries(draw: st.DrawFn) -> Entry:
+    """A job, valid or not, by ``send_task`` or as a raw message; a job nested deeper than the
+    transport takes (MAX_BODY_DEPTH) is sent raw and must end in the dead letters."""
     case = draw(cases(queue=True))
     how = draw(st.sampled_from(["send_task", "send_task", "raw-kwargs", "raw-args"]))
-    if how == "send_task":
+    too_deep = depth_of([[], {"job": case.job}, None]) > MAX_BODY_DEPTH
+    if how == "send_task" and not too_deep:
         return Entry("job", "send_task", "run", case)
     embed = draw(st.one_of(st.just(EMBED), st.just({}), st.none(),
                            st.dictionaries(st.sampled_from(["callbacks", "errbacks", "chain",
                                                             "chord", "group", "x"]),
                                            json_values(), max_size=3)))  # fmt: skip
-    body = [[], {"job": case.job}, embed] if how == "raw-kwargs" else [[case.job], {}, embed]
-    return Entry("job", "raw", "run", case, body=body)
+    body = [[case.job], {}, embed] if how == "raw-args" else [[], {"job": case.job}, embed]
+    expect = "dead-letter" if depth_of(body) > MAX_BODY_DEPTH else "run"
+    return Entry("job", "raw", expect, case, body=body)
 
 
 def _not_shaped(value: Any) -> bool:
@@ -814,9 +813,44 @@ def broken_envelope_entries() -> st.SearchStrategy[Entry]:
                                         mutate=c), good, change)  # fmt: skip
 
 
+#: The type markers kombu's JSON decoder knows (kombu/utils/json.py); any other it refuses.
+KOMBU_TYPES = ("bytes", "base64", "datetime", "date", "time", "decimal", "uuid")
+
+
+def undecodable_markers() -> st.SearchStrategy[dict[str, Any]]:
+    """kombu type markers its JSON decoder refuses: an unknown type, or a known one whose value
+    it cannot decode."""
+    unknown = st.one_of(st.sampled_from(["nope", "", "pickle", "object", "set"]), text(0, 12))
+    bad_value = st.sampled_from([("uuid", 5), ("uuid", "x"), ("decimal", "not a number"),
+                                 ("datetime", "garbage"), ("date", 5), ("time", []),
+                                 ("bytes", 5)])  # fmt: skip
+    return st.one_of(
+        st.builds(lambda t, v: {"__type__": t, "__value__": v},
+                  unknown.filter(lambda t: t not in KOMBU_TYPES), json_values()),
+        bad_value.map(lambda tv: {"__type__": tv[0], "__value__": tv[1]}),
+    )  # fmt: skip
+
+
+def marked_bodies() -> st.SearchStrategy[list[Any]]:
+    """A valid job's body with an undecodable kombu type marker as a field's value, as the job
+    or as the embed."""
+    good = valid_jobs(queue=True)
+    where = st.sampled_from(["prompt", "width", "seed", "model", "x", "job", "embed"])
+
+    def body(job: dict[str, Any], at: str, marker: dict[str, Any]) -> list[Any]:
+        if at == "job":
+            return [[], {"job": marker}, EMBED]
+        if at == "embed":
+            return [[], {"job": job}, {**EMBED, "chain": [marker]}]
+        return [[], {"job": {**job, at: marker}}, EMBED]
+
+    return st.builds(body, good, where, undecodable_markers())
+
+
 def bad_body_entries() -> st.SearchStrategy[Entry]:
     """A good envelope whose body is not ``[args, kwargs, embed]``: any JSON value, not JSON,
-    not base64, not UTF-8, nested past what a decoder takes."""
+    not base64, not UTF-8, nested past what a decoder takes, or with a kombu type marker its
+    decoder refuses."""
     raw_bodies = st.one_of(
         st.binary(max_size=40).filter(lambda b: not _is_json(b)),
         st.builds(lambda c, n: c * n, st.sampled_from([b"[", b"{"]), st.integers(1, DEEP_DEPTH)),
@@ -830,6 +864,7 @@ def bad_body_entries() -> st.SearchStrategy[Entry]:
         st.builds(lambda d: Entry("bad-body", "raw", "dead-letter", data=d), raw_bodies),
         st.builds(lambda s: Entry("bad-body", "raw", "dead-letter", mutate=("body", s)),
                   st.sampled_from(["!!!not base64!!!", "a", "abc", "====", "\u00e9t\u00e9"])),
+        st.builds(lambda b: Entry("bad-body", "raw", "dead-letter", body=b), marked_bodies()),
     )  # fmt: skip
 
 
@@ -856,20 +891,29 @@ HEADER_PATHS = [
     "headers.eta", "headers.expires", "headers.timelimit", "headers.retries", "headers.id",
     "headers.task", "headers.root_id", "headers.parent_id", "headers.group", "headers.lang",
     "headers.stamped_headers", "headers.argsrepr", "headers.kwargsrepr", "headers.origin",
-    "headers.ignore_result", "properties.priority", "properties.delivery_tag",
-    "properties.correlation_id", "properties.reply_to", "properties.delivery_mode",
-    "properties.body_encoding", "properties.delivery_info.routing_key", "content-type",
-    "content-encoding",
+    "headers.ignore_result", "headers.stamps", "headers.shadow", "headers.group_index",
+    "headers.replaced_task_nesting", "headers.compression", "properties.priority",
+    "properties.delivery_tag", "properties.correlation_id", "properties.reply_to",
+    "properties.delivery_mode", "properties.body_encoding", "properties.delivery_info.exchange",
+    "properties.delivery_info.routing_key", "content-type", "content-encoding",
 ]  # fmt: skip
 CONTENT_TYPES = ["application/x-python-serialize", "application/x-yaml", "text/plain",
                  "application/data", "application/json; charset=utf-8", ""]  # fmt: skip
+#: Values of the shapes Celery's headers take, right and wrong (no date to come: a job with a
+#: future ``eta`` waits for it).
+HEADER_VALUES = [
+    "x", "", "garbage", "2000-01-01T00:00:00", "2000-01-01T00:00:00+00:00", "rot13", "base64",
+    [1, 2, 3], ["a", "b"], [None, None], [1, None], [-1, None], [math.nan, None], ["a"], [1],
+    {"a": 1}, {"__type__": "datetime", "__value__": "2000-01-01T00:00:00"}, 0, -1, 5, 2**70,
+    1.5, True, None,
+]  # fmt: skip
 
 
 def header_value_entries() -> st.SearchStrategy[Entry]:
-    """A valid job's envelope with one header or property of any value (KNOWN_BUGS: some stop
-    the worker, some are only logged). ``handled``: it may run, fail or be dead-lettered, but
-    it must not stop the worker nor vanish."""
-    value = st.one_of(json_values(), st.sampled_from(CONTENT_TYPES))
+    """A valid job's envelope with one header or property of any value: the transport
+    dead-letters what Celery cannot take. ``handled``: it may run, fail or be dead-lettered,
+    but it must not stop the worker nor vanish."""
+    value = st.one_of(json_values(), st.sampled_from(CONTENT_TYPES), st.sampled_from(HEADER_VALUES))
     good = valid_jobs(queue=True).map(lambda job: [[], {"job": job}, EMBED])
     change = st.tuples(st.sampled_from(HEADER_PATHS), value)
     return st.builds(lambda b, c: Entry("header-value", "raw", "handled", body=b, mutate=c),
@@ -878,18 +922,16 @@ def header_value_entries() -> st.SearchStrategy[Entry]:
 
 def queue_entries() -> st.SearchStrategy[Entry]:
     """Queue entries: about half jobs (valid and invalid, by send_task and as raw messages),
-    half entries that are not jobs; with FLEET_BAD_INPUT_KNOWN_BUGS, headers of any value."""
-    kinds = [
+    half entries that are not jobs, and jobs with a header or property of any value."""
+    return weighted(
         (5, job_entries()),
         (1, not_json_entries()),
         (1, json_value_entries()),
         (1, broken_envelope_entries()),
         (1, bad_body_entries()),
         (1, shaped_body_entries()),
-    ]
-    if known_bugs():
-        kinds.append((2, header_value_entries()))
-    return weighted(*kinds)
+        (1, header_value_entries()),
+    )
 
 
 def draw_examples(strategy: st.SearchStrategy[Any], n: int) -> list[Any]:
@@ -938,7 +980,6 @@ class Tally:
         if self.notes:
             entry.setdefault("notes", []).extend(self.notes)
         report["examples_per_property"] = examples()
-        report["known_bugs_generated"] = known_bugs()
         report["totals"] = totals(layers)
         path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         print(f"\nbad input [{self.layer}]: {dict(sorted(self.counts.items()))} -> {path}")

@@ -45,6 +45,13 @@ def worker_config(settings: WorkerSettings) -> dict[str, Any]:
         # A job is acknowledged after it ran, so a killed worker's job is delivered again.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # A lost broker connection lets running jobs finish (and be acknowledged once it is
+        # back) instead of killing their pool process: True would throw away every running
+        # generation on each Redis blip, count a delivery each time (TooManyDeliveries after
+        # FLEET_MAX_DELIVERIES blips), and with Redis away leave the job for the visibility
+        # timeout. Our transport keeps running jobs' messages held over the reconnect, so
+        # they are not delivered twice (worker/ops/transport.py; Celery 6 flips the default).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_prefetch_multiplier": 1,
         "task_track_started": True,
         "worker_hijack_root_logger": False,

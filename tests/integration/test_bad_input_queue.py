@@ -8,10 +8,10 @@ kwargs, embed]`` that carries no job fails under its task id; an entry that is n
 the dead letters. The worker never stops (its process alive after every batch, ``python -m
 worker check`` healthy at the end) and no entry is lost (each ends in one of those ways).
 
-FLEET_HYPOTHESIS_EXAMPLES entries (default 200: 4 batches of 50); FLEET_BAD_INPUT_KNOWN_BUGS=1
-also generates the entries of ``strategies.KNOWN_BUGS``, which the hand-written expected-to-fail
-cases below pin down. The counts go to ``<pytest base temp>/bad_input.json`` (or
-FLEET_BAD_INPUT_REPORT) and are printed.
+FLEET_HYPOTHESIS_EXAMPLES entries (default 200: 4 batches of 50). The hand-written cases below
+add what Celery would refuse after delivery (now dead-lettered by the transport) and the entries
+that once stopped a worker, each sent once to this module's one worker. The counts go to
+``<pytest base temp>/bad_input.json`` (or FLEET_BAD_INPUT_REPORT) and are printed.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pickle
+import re
 import subprocess
 import sys
 import time
@@ -54,7 +55,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 @pytest.fixture(scope="module")
 def tally(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, S.Tally]]:
-    tallies = {n: S.Tally(f"queue.{n}") for n in ("generated", "hand_written", "known_bugs")}
+    tallies = {n: S.Tally(f"queue.{n}") for n in ("generated", "hand_written", "stoppers")}
     yield tallies
     path = S.report_path(tmp_path_factory.getbasetemp())
     for t in tallies.values():
@@ -273,10 +274,18 @@ def run_batch(
         client.redis.delete(contract.WORKER_STATE_KEY.format(node=w.node))
         w.start()
     alive = w.proc is not None and w.proc.poll() is None
-    if alive and any(s.entry.expect == "handled" for s in sent):
+    handled = [s for s in sent if s.entry.expect == "handled"]
+
+    def settled() -> bool:
+        """Every entry with odd headers ended or in the dead letters."""
+        letters = {(d.get("raw") or "", int(d.get("raw_chars") or 0))
+                   for d in new_dead_letters(client, queue, since)}  # fmt: skip
+        return all(s.key in letters or ended(client, s.task_id) for s in handled)
+
+    if alive and handled:
         # Entries with odd headers may run late (an eta) or never end: a short grace, no more.
         with contextlib.suppress(TimeoutError):
-            wait_until(lambda: done(("handled",)), HANDLED_GRACE_S, "odd headers", interval=0.2)
+            wait_until(settled, HANDLED_GRACE_S, "odd headers", interval=0.2)
     if alive:  # every entry that must be dead-lettered is, before the verdicts (polled)
         expected = sum(s.entry.expect == "dead-letter" for s in sent)
         with contextlib.suppress(TimeoutError):
@@ -409,16 +418,25 @@ RAW_CASES: list[tuple[str, S.Entry]] = [
     ),
 ]
 
-#: (id, envelope change, content type, body): refused without running today, but only logged:
-#: neither dead-lettered nor recorded as a failure (KNOWN_BUGS["dropped"]).
-DROPPED_CASES: list[tuple[str, tuple[str, Any] | None, str, bytes | None]] = [
-    ("pickle", None, "application/x-python-serialize", PICKLE_BODY),
-    ("content-type-yaml", None, "application/x-yaml", b"job: {prompt: a fox}"),
-    ("eta-not-a-date", ("headers.eta", "garbage"), "application/json", None),
-    ("expires-not-a-date", ("headers.expires", "x"), "application/json", None),
+#: (id, envelope change, content type, body, why): what Celery refuses after delivery (logged
+#: and acknowledged, no record: lost to the sender). The transport refuses each first: it ends
+#: in the dead letters, its reason matching ``why``.
+DROPPED_CASES: list[tuple[str, tuple[str, Any] | None, str, bytes | None, str]] = [
+    ("pickle", None, "application/x-python-serialize", PICKLE_BODY,
+     "content-type 'application/x-python-serialize' is not accepted"),
+    ("content-type-yaml", None, "application/x-yaml", b"job: {prompt: a fox}",
+     "content-type 'application/x-yaml' is not accepted"),
+    ("content-type-json-charset", None, "application/json; charset=utf-8", None,
+     "content-type 'application/json; charset=utf-8' is not accepted"),
+    ("eta-not-a-date", ("headers.eta", "garbage"), "application/json", None,
+     "headers.eta='garbage': must be null or an ISO-8601 date"),
+    ("expires-not-a-date", ("headers.expires", "x"), "application/json", None,
+     "headers.expires='x': must be null or an ISO-8601 date"),
+    ("compressed", ("headers.compression", "application/x-gzip"), "application/json", None,
+     "headers.compression='application/x-gzip': must be absent"),
     ("kombu-type-marker", None, "application/json",
      json.dumps([[], {"job": {**S.BASE_JOB, "prompt": {"__type__": "nope", "__value__": 1}}},
-                 S.EMBED]).encode()),
+                 S.EMBED]).encode(), "body is not JSON kombu can decode: ValueError"),
 ]  # fmt: skip
 
 
@@ -436,7 +454,7 @@ def dropped_entry(queue: str, task_id: str, change: Any, ctype: str, body: bytes
 class HandWritten:
     jobs: dict[str, Verdict]
     raw: dict[str, Verdict]
-    dropped: dict[str, tuple[JobStatus, bool]]  # status, dead-lettered
+    dropped: dict[str, tuple[JobStatus, str | None]]  # status, the dead letter's reason
     after: JobStatus
     alive: bool
     crashes: int
@@ -449,20 +467,22 @@ def hand_written(bad_worker: WorkerProcess, bclient: Client, bad_queue: str,
     """Every hand-written case, sent once as one batch, then a valid job."""
     job_entries = [S.Entry("hand-job", "send_task", "run", S.Case(m.apply(S.BASE_JOB), m))
                    for _, m in S.HAND_WRITTEN]  # fmt: skip
-    entries = job_entries + [e for _, e in RAW_CASES]
+    dropped_ids = {name: S.unique_job_id("dropped") for name, *_ in DROPPED_CASES}
+    dropped_entries = [
+        S.Entry("hand-dropped", "bytes", "dead-letter",
+                data=dropped_entry(bad_queue, dropped_ids[name], change, ctype, body))
+        for name, change, ctype, body, _ in DROPPED_CASES
+    ]  # fmt: skip
+    entries = job_entries + [e for _, e in RAW_CASES] + dropped_entries
     log_start = len(bad_worker.log())
     since = datetime.now().astimezone()
-    dropped_ids = {}
-    for name, change, ctype, body in DROPPED_CASES:
-        task_id = S.unique_job_id("dropped")
-        bclient.redis.lpush(bad_queue, dropped_entry(bad_queue, task_id, change, ctype, body))
-        dropped_ids[name] = task_id
     result = run_batch(bclient, bad_worker, bad_queue, entries)
     count(tally["hand_written"], result)
-    names = [n for n, _ in S.HAND_WRITTEN] + [n for n, _ in RAW_CASES]
+    names = [n for n, _ in S.HAND_WRITTEN] + [n for n, _ in RAW_CASES] + list(dropped_ids)
     verdicts = dict(zip(names, result.verdicts, strict=True))
-    letters = {d.get("task_id") for d in new_dead_letters(bclient, bad_queue, since)}
-    dropped = {n: (bclient.status(tid), tid in letters) for n, tid in dropped_ids.items()}
+    reasons = {d.get("task_id"): d.get("reason") for d in new_dead_letters(bclient, bad_queue,
+                                                                            since)}  # fmt: skip
+    dropped = {n: (bclient.status(tid), reasons.get(tid)) for n, tid in dropped_ids.items()}
     jobs = {n: verdicts[n] for n, _ in S.HAND_WRITTEN}
     raw = {n: verdicts[n] for n, _ in RAW_CASES}
     log = bad_worker.log()[log_start:]
@@ -499,63 +519,110 @@ def test_an_entry_celery_refuses_is_never_run(name: str, hand_written: HandWritt
     assert status.state != "succeeded", status
 
 
-@pytest.mark.xfail(strict=True, reason=S.KNOWN_BUGS["dropped"])
-@pytest.mark.parametrize("name", [c[0] for c in DROPPED_CASES])
-def test_an_entry_celery_refuses_is_recorded(name: str, hand_written: HandWritten) -> None:
-    status, dead_lettered = hand_written.dropped[name]
-    assert dead_lettered or status.state == "failed", f"{status.state}: only logged"
+@pytest.mark.parametrize(("name", "why"), [(c[0], c[4]) for c in DROPPED_CASES],
+                         ids=[c[0] for c in DROPPED_CASES])  # fmt: skip
+def test_an_entry_celery_refuses_is_recorded(
+    name: str, why: str, hand_written: HandWritten
+) -> None:
+    """Recorded: in the dead letters (``producer failed`` shows them), saying why."""
+    status, reason = hand_written.dropped[name]
+    assert reason is not None or status.state == "failed", f"{status.state}: only logged"
+    assert reason is not None and why in reason, reason
 
 
 def test_pickle_is_refused_as_disallowed_content(hand_written: HandWritten) -> None:
-    assert "ContentDisallowed" in hand_written.log or "disallowed" in hand_written.log.lower()
+    """Pickle would run code in the worker: refused before Celery sees it, never unpickled."""
+    _, reason = hand_written.dropped["pickle"]
+    assert reason is not None and "application/x-python-serialize' is not accepted" in reason
+    assert "take application/json only" in reason
+    assert "dead-lettered an entry" in hand_written.log and "x-python-serialize" in hand_written.log
 
 
-# -- known bugs: entries that stop a worker -----------------------------------------------------
+# -- entries that once stopped a worker ---------------------------------------------------------
 
-#: (id, envelope change or None, body): each stops the worker that takes it today.
-#: Each costs a worker start (about 15 s): CI runs one of each bug, the soak (known bugs) all.
-#: The slow ones are collected only with FLEET_BAD_INPUT_KNOWN_BUGS=1 (never skipped).
-_CI_STOPPERS = [
-    ("timelimit-string", ("headers.timelimit", "x"), None),
-    ("job-500-levels-deep", None, _deep_job(500)),
-]
-_SOAK_STOPPERS = [
-    ("timelimit-three-items", ("headers.timelimit", [1, 2, 3]), None),
-    ("timelimit-strings", ("headers.timelimit", ["a", "b"]), None),
-    ("task-name-a-list", ("headers.task", ["fleet.generate"]), None),
-    ("stamped-headers-an-int", ("headers.stamped_headers", 5), None),
-    ("delivery-tag-an-object", ("properties.delivery_tag", {"a": 1}), None),
-]
-STOPPERS = [pytest.param(*case) for case in
-            _CI_STOPPERS + (_SOAK_STOPPERS if S.known_bugs() else [])]  # fmt: skip
+#: The body of a valid job, in the envelopes below.
+GOOD_BODY = [[], {"job": S.BASE_JOB}, S.EMBED]
 
 
-@pytest.mark.xfail(strict=True, reason=S.KNOWN_BUGS["header-values"] + "; " + S.KNOWN_BUGS[
-    "deep-job"])  # fmt: skip
-@pytest.mark.parametrize(("name", "change", "body"), STOPPERS, ids=[p.values[0] for p in STOPPERS])
-def test_an_entry_that_stops_a_worker_today_is_dead_lettered_or_recorded(
-    name: str, change: Any, body: bytes | None, start_worker, fleet_env: dict,
-    tally: dict[str, S.Tally],
-) -> None:  # fmt: skip
-    queue = f"fleet.bad-stop-{uuid.uuid4().hex[:8]}"
-    t = tally["known_bugs"]
-    with queue_client(fleet_env, queue) as c:
-        w = start_worker(f"bad-stop-{name}", queues=queue, **WORKER_ENV)
-        try:
-            task_id = S.unique_job_id("stop")
-            since = datetime.now().astimezone()
-            c.redis.lpush(queue, dropped_entry(queue, task_id, change, "application/json", body))
-            after = c.submit({**S.BASE_JOB, "prompt": "after the stopper"})
-            wait_until(lambda: w.proc.poll() is not None or ended(c, after.job_id), 120,
-                       "the valid job or the worker's end")  # fmt: skip
-            alive = w.proc.poll() is None
-            t.add("tried")
-            t.add("survived" if alive else "worker_crashes")
-            recorded = c.status(task_id).state == "failed" or task_id in {
-                d.get("task_id") for d in new_dead_letters(c, queue, since)}  # fmt: skip
-            assert alive, f"the worker stopped: {w.log()[-1500:]}"
-            assert c.status(after.job_id).state == "succeeded"
-            assert recorded
-        finally:
-            w.stop()
-            c.redis.delete(*contract.queue_keys(queue))  # the stopper, restored on the way down
+def _stopper(change: tuple[str, Any] | None = None, data: bytes | None = None,
+             base64_body: bool = True, expect: str = "dead-letter") -> S.Entry:  # fmt: skip
+    return S.Entry("stopper", "raw", expect, body=GOOD_BODY, data=data, mutate=change,
+                   base64_body=base64_body)  # fmt: skip
+
+
+#: (id, entry, the dead letter's reason): envelope headers and properties of the wrong type and
+#: jobs nested hundreds of levels deep. The timelimit-string, -three-items and -strings,
+#: task-name, stamped-headers, delivery-tag and 500-levels cases stopped the worker that took
+#: them ("Unrecoverable error", and the entry restored to stop the next one) before the
+#: transport checked them; the others reach the same unguarded code in Celery and kombu (an
+#: unhashable or missing task id, a time limit no timer can add, kombu's QoS reading the
+#: exchange, an unknown body codec). All go to one worker in one batch; each must end in the
+#: dead letters saying why.
+STOPPERS: list[tuple[str, S.Entry, str]] = [
+    ("timelimit-string", _stopper(("headers.timelimit", "x")), r"headers\.timelimit='x'"),
+    ("timelimit-three-items", _stopper(("headers.timelimit", [1, 2, 3])),
+     r"headers\.timelimit=\[1, 2, 3\]"),
+    ("timelimit-strings", _stopper(("headers.timelimit", ["a", "b"])), r"headers\.timelimit="),
+    ("timelimit-past-every-float", _stopper(("headers.timelimit", [10**400, None])),
+     r"headers\.timelimit="),
+    ("task-name-a-list", _stopper(("headers.task", ["fleet.generate"])), r"headers\.task="),
+    ("task-id-a-list", _stopper(("headers.id", ["x"])), r"headers\.id="),
+    ("task-id-missing", _stopper(("headers.id", S.REMOVE)), r"headers\.id is missing"),
+    ("stamped-headers-an-int", _stopper(("headers.stamped_headers", 5)),
+     r"headers\.stamped_headers=5"),
+    ("delivery-tag-an-object", _stopper(("properties.delivery_tag", {"a": 1})),
+     r"properties\.delivery_tag="),
+    ("delivery-info-without-exchange", _stopper(("properties.delivery_info.exchange", S.REMOVE)),
+     r"properties\.delivery_info\.exchange is missing"),
+    ("body-encoding-rot13-plain-body",
+     _stopper(("properties.body_encoding", "rot13"), base64_body=False),
+     r"properties\.body_encoding='rot13'"),
+    ("job-500-levels-deep", _stopper(data=_deep_job(500)), r"nested 503 levels deep: at most 64"),
+    # Deep enough that kombu's decoder may run out of stack first: refused either way.
+    ("job-900-levels-deep", _stopper(data=_deep_job(900)),
+     r"nested 903 levels deep: at most 64|RecursionError"),
+]  # fmt: skip
+#: Time limits Celery takes, however long: the job runs (or fails alone), the worker stays.
+TAKEN = [("timelimit-1e308", _stopper(("headers.timelimit", [1e308, 1e308]), expect="handled"))]
+
+
+@dataclass
+class Stoppers:
+    result: BatchResult
+    verdicts: dict[str, Verdict]
+    reasons: dict[str, str | None]  # the dead letter's reason, by case
+
+
+@pytest.fixture(scope="module")
+def stoppers(bad_worker: WorkerProcess, bclient: Client, bad_queue: str,
+             tally: dict[str, S.Tally]) -> Stoppers:  # fmt: skip
+    """Every entry that once stopped a worker, sent as one batch to this module's worker (one
+    worker start for all of them; started again if one stops it), then a valid job."""
+    since = datetime.now().astimezone()
+    cases = [(n, e) for n, e, _ in STOPPERS] + TAKEN
+    result = run_batch(bclient, bad_worker, bad_queue, [e for _, e in cases])
+    count(tally["stoppers"], result)
+    letters = {(d.get("raw") or "", int(d.get("raw_chars") or 0)): d.get("reason")
+               for d in new_dead_letters(bclient, bad_queue, since)}  # fmt: skip
+    verdicts = dict(zip([n for n, _ in cases], result.verdicts, strict=True))
+    reasons = {n: letters.get(v.sent.key) for n, v in verdicts.items()}
+    return Stoppers(result, verdicts, reasons)
+
+
+def test_no_entry_that_once_stopped_a_worker_stops_it(
+    stoppers: Stoppers, bad_worker: WorkerProcess
+) -> None:
+    """The worker alive after all of them, the valid job after them succeeded, nothing lost."""
+    assert_batch(stoppers.result, bad_worker)
+    assert stoppers.verdicts["timelimit-1e308"].ok, stoppers.verdicts["timelimit-1e308"]
+
+
+@pytest.mark.parametrize(("name", "why"), [(n, w) for n, _, w in STOPPERS],
+                         ids=[n for n, _, _ in STOPPERS])  # fmt: skip
+def test_an_entry_that_once_stopped_a_worker_is_dead_lettered_saying_why(
+    name: str, why: str, stoppers: Stoppers
+) -> None:
+    v = stoppers.verdicts[name]
+    assert v.ok and v.outcome == "dead-letter", f"{v.outcome}: {v.why}"
+    reason = stoppers.reasons[name]
+    assert reason is not None and re.search(why, reason), reason

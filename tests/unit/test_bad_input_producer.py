@@ -31,7 +31,7 @@ from fleet.contract import Limits, validate_job
 from fleet.errors import JobValidationError
 from fleet.settings import ProducerSettings
 from producer import cli
-from producer.client import Client
+from producer.client import MAX_DEADLINE_S, Client
 from tests import strategies as S
 from tests.fleet_fixtures import settings_kwargs
 
@@ -346,33 +346,44 @@ def test_a_prompt_file_that_is_not_utf8_exits_2_naming_it(
     judge_cli(tally["cli_hand_written"], case, api)
 
 
-# -- known bugs: refused as they should be once fixed -------------------------------------------
+# -- deadlines -----------------------------------------------------------------------------------
 
-DEADLINE_BUG = (
-    "producer/client.py passes --deadline / deadline_s to Celery unchecked: NaN, infinities and "
-    "1e308 raise ValueError/OverflowError out of send_task (a traceback, not exit 2); -1 is "
-    "accepted and the job expires unrun"
-)
+#: Deadlines the producer refuses (none finite above 0 and at most MAX_DEADLINE_S): each once
+#: reached Celery unchecked (NaN, infinities and 1e308 a traceback out of send_task, -1 and 0 a
+#: job expired unrun).
+BAD_DEADLINES = ["nan", "inf", "-inf", "1e308", "-1", "0", str(MAX_DEADLINE_S + 1)]
 
 
-@pytest.mark.xfail(strict=True, reason=DEADLINE_BUG)
-@pytest.mark.parametrize("deadline", ["nan", "inf", "1e308", "-1"])
+@pytest.mark.parametrize("deadline", BAD_DEADLINES)
 def test_a_bad_deadline_exits_2_naming_it(deadline: str, cli_env: dict, api: Client) -> None:
     before = claims(api)
     try:
-        code, _, err = run_cli(["submit", f"--deadline={deadline}", "--", "a fox"])
+        code, out, err = run_cli(["submit", f"--deadline={deadline}", "--", "a fox"])
         assert code == cli.EXIT_INVALID and "deadline" in err, err[:300]
+        assert queued(api) == 0 and claims(api) == before and out.strip() == ""
+    finally:
+        clean(api, before)
+
+
+@pytest.mark.parametrize(
+    "deadline", [math.nan, math.inf, -math.inf, 1e308, -1, 0, MAX_DEADLINE_S + 0.5, True, "60"]
+)
+def test_a_bad_deadline_is_a_validation_error(deadline: Any, api: Client) -> None:
+    before = claims(api)
+    try:
+        with pytest.raises(JobValidationError, match="deadline") as info:
+            api.submit({"prompt": "a fox"}, deadline_s=deadline)
+        assert [p[0] for p in info.value.problems] == ["deadline"]
         assert queued(api) == 0 and claims(api) == before
     finally:
         clean(api, before)
 
 
-@pytest.mark.xfail(strict=True, reason=DEADLINE_BUG)
-@pytest.mark.parametrize("deadline", [math.nan, math.inf, -math.inf])
-def test_a_bad_deadline_is_a_validation_error(deadline: float, api: Client) -> None:
+@pytest.mark.parametrize("deadline", [0.5, 60, MAX_DEADLINE_S])
+def test_a_deadline_in_range_is_enqueued(deadline: float, api: Client) -> None:
     before = claims(api)
     try:
-        with pytest.raises(JobValidationError, match="deadline"):
-            api.submit({"prompt": "a fox"}, deadline_s=deadline)
+        api.submit({"prompt": "a fox"}, deadline_s=deadline)
+        assert queued(api) == 1 and len(claims(api) - before) == 1
     finally:
         clean(api, before)
