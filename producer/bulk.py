@@ -33,7 +33,7 @@ from celery.utils.saferepr import saferepr
 
 from fleet import contract
 from fleet.contract import JobSpec
-from producer.client import Client, JobHandle, check_priority
+from producer.client import Client, JobHandle, check_deadline, check_priority
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def submit_bulk(
     (both as for ``Client.submit``).
     """
     check_priority(priority)
+    check_deadline(deadline_s)
     specs = [client.validate(job) for job in jobs]  # raises before anything is claimed
     if not specs:
         return []

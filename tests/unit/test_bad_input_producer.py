@@ -31,6 +31,7 @@ from fleet.contract import Limits, validate_job
 from fleet.errors import JobValidationError
 from fleet.settings import ProducerSettings
 from producer import cli
+from producer.bulk import submit_bulk
 from producer.client import MAX_DEADLINE_S, Client
 from tests import strategies as S
 from tests.fleet_fixtures import settings_kwargs
@@ -368,11 +369,15 @@ def test_a_bad_deadline_exits_2_naming_it(deadline: str, cli_env: dict, api: Cli
 @pytest.mark.parametrize(
     "deadline", [math.nan, math.inf, -math.inf, 1e308, -1, 0, MAX_DEADLINE_S + 0.5, True, "60"]
 )
-def test_a_bad_deadline_is_a_validation_error(deadline: Any, api: Client) -> None:
+@pytest.mark.parametrize("how", ["submit", "bulk"])
+def test_a_bad_deadline_is_a_validation_error(deadline: Any, how: str, api: Client) -> None:
     before = claims(api)
     try:
         with pytest.raises(JobValidationError, match="deadline") as info:
-            api.submit({"prompt": "a fox"}, deadline_s=deadline)
+            if how == "submit":
+                api.submit({"prompt": "a fox"}, deadline_s=deadline)
+            else:
+                submit_bulk(api, [{"prompt": "a fox"}, {"prompt": "a cat"}], deadline_s=deadline)
         assert [p[0] for p in info.value.problems] == ["deadline"]
         assert queued(api) == 0 and claims(api) == before
     finally:
