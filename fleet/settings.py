@@ -11,6 +11,7 @@ documented in ``.env.example`` (generated from these classes by ``scripts/gen_en
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -88,6 +89,12 @@ class S3Group(BaseModel):
     """The S3-compatible store the images, manifests and failure records go to."""
 
     s3_endpoint_url: str | None = Field(None, description="Empty means AWS S3.")
+    s3_public_endpoint_url: str | None = Field(
+        None,
+        description="Presigned GET URLs are signed for this endpoint (one clients outside the "
+        "fleet's network can reach, e.g. https://images.example.com); it must reach the same "
+        "bucket. Used for signing only. Empty: sign for FLEET_S3_ENDPOINT_URL.",
+    )
     s3_region: str = "us-east-1"
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = None
@@ -97,6 +104,31 @@ class S3Group(BaseModel):
     s3_addressing_style: Literal["path", "virtual", "auto"] = "path"
     s3_max_attempts: int = Field(5, description="boto3 'standard' retry mode attempts.")
     presign_expiry_s: int = Field(3600, description="Lifetime of presigned GET URLs.")
+
+    @field_validator("s3_public_endpoint_url")
+    @classmethod
+    def _public_endpoint(cls, url: str | None) -> str | None:
+        """An http(s) URL with a host: botocore signs for its host (SigV4 covers the Host
+        header), so a bare name or another scheme would give URLs no client can open."""
+        if url is None or not url.strip():
+            return None
+        url = url.strip()
+        parts = urlsplit(url)
+        try:
+            host, _ = parts.hostname, parts.port  # .port raises on a port out of range
+        except ValueError:
+            host = None
+        if parts.scheme not in ("http", "https") or not host:
+            raise ValueError(
+                f"FLEET_S3_PUBLIC_ENDPOINT_URL={url!r} is not an http(s) URL with a host "
+                "(e.g. https://images.example.com or http://203.0.113.7:8333)"
+            )
+        if parts.query or parts.fragment or parts.username is not None:
+            raise ValueError(
+                f"FLEET_S3_PUBLIC_ENDPOINT_URL={url!r}: give scheme, host, port and path only "
+                "(no user, query or fragment)"
+            )
+        return url
 
 
 class WebhookGroup(BaseModel):

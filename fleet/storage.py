@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import threading
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -39,7 +41,7 @@ _REFUSALS: dict[str, str] = {
 _CONFLICT_CODES = frozenset({"412", "PreconditionFailed", "409", "ConditionalRequestConflict"})
 
 
-def make_s3_client(settings: FleetSettings) -> Any:
+def make_s3_client(settings: FleetSettings, endpoint_url: str | None = None) -> Any:
     """A boto3 S3 client configured for S3-compatible servers.
 
     SigV4 (SeaweedFS rejects presigned PUTs without it), checksums only when required (boto3 >= 1.36
@@ -49,6 +51,9 @@ def make_s3_client(settings: FleetSettings) -> Any:
     counts *retries* (``max_attempts=5`` makes 6 attempts), ``total_max_attempts`` attempts.
     Standard mode retries throttling (503 SlowDown), 5xx, connection errors and read timeouts
     with jittered exponential backoff; a read timeout of 30 s bounds each try.
+
+    ``endpoint_url`` replaces FLEET_S3_ENDPOINT_URL (the presigning client's public endpoint);
+    everything else (credentials, region, SigV4, addressing style) stays the same.
     """
     config = Config(
         signature_version="s3v4",
@@ -63,7 +68,7 @@ def make_s3_client(settings: FleetSettings) -> Any:
     secret = settings.s3_secret_access_key
     return boto3.session.Session().client(
         "s3",
-        endpoint_url=settings.s3_endpoint_url or None,
+        endpoint_url=endpoint_url or settings.s3_endpoint_url or None,
         region_name=settings.s3_region,
         aws_access_key_id=key.get_secret_value() if key else None,
         aws_secret_access_key=secret.get_secret_value() if secret else None,
@@ -81,6 +86,11 @@ class ObjectStore:
         self.bucket = settings.s3_bucket
         self.presign_expiry_s = settings.presign_expiry_s
         self.client = client or make_s3_client(settings)
+        #: Where presigned URLs point: FLEET_S3_PUBLIC_ENDPOINT_URL, or None for self.client's.
+        self.public_endpoint_url = settings.s3_public_endpoint_url or None
+        self._make_signer = functools.partial(make_s3_client, settings, self.public_endpoint_url)
+        self._signer: Any | None = None
+        self._signer_lock = threading.Lock()
         self._conditional: bool | None = None
         #: The canary passed: these credentials may write, read and delete here.
         self.verified = False
@@ -235,9 +245,22 @@ class ObjectStore:
 
         return self._request("listing", prefix, call)
 
+    @property
+    def signer(self) -> Any:
+        """The client that presigns: self.client, or with FLEET_S3_PUBLIC_ENDPOINT_URL a second
+        one for that endpoint, made on first use. SigV4 signs the Host header, so a URL must be
+        signed for the host the client will send it to: editing the host of a URL signed for
+        the private endpoint breaks its signature. Presigning is local (no request)."""
+        if self.public_endpoint_url is None:
+            return self.client
+        with self._signer_lock:
+            if self._signer is None:
+                self._signer = self._make_signer()
+            return self._signer
+
     def presign_get(self, key: str, expires_s: int | None = None) -> str:
         return str(
-            self.client.generate_presigned_url(
+            self.signer.generate_presigned_url(
                 "get_object",
                 Params={"Bucket": self.bucket, "Key": key},
                 ExpiresIn=expires_s or self.presign_expiry_s,

@@ -52,6 +52,9 @@ x-worker-env: &worker-env
   FLEET_RESULT_EXPIRES_S: ${{FLEET_RESULT_EXPIRES_S:-604800}}
   FLEET_VISIBILITY_TIMEOUT_S: ${{FLEET_VISIBILITY_TIMEOUT_S:-3600}}
   FLEET_S3_ENDPOINT_URL: ${{WORKER_S3_ENDPOINT_URL:-http://s3:8333}}
+  # Where clients outside this network fetch images (e.g. https://images.example.com or
+  # http://<host>:8333): presigned URLs are signed for it. Empty: for http://s3:8333.
+  FLEET_S3_PUBLIC_ENDPOINT_URL: ${{FLEET_S3_PUBLIC_ENDPOINT_URL:-}}
   # SIGTERM lets the running job finish for this long, then puts it back in its queue at
   # once: stop_grace_period minus 60 s (scripts/compose-gpus --stop-grace-period sets both).
   FLEET_DRAIN_TIMEOUT_S: "{drain}"
