@@ -100,6 +100,13 @@ class GenerationError(FleetError):
     """The pipeline failed while generating a job's images."""
 
 
+class HostOutOfMemory(GenerationError):
+    """The host (CPU RAM, the container's memory limit or the process's address-space limit)
+    could not give this pipeline call the memory it asked for; the worker's self-test still
+    passes. A job error: it fails alone, the message says to ask for a smaller size or fewer
+    images, or to give the worker more memory; the worker goes on with the next job."""
+
+
 class PipelineBroken(FleetError):
     """The pipeline or its device fails even on the worker's own self-test (a CUDA error that
     persists, a model whose parts do not fit): no job can succeed here, so the worker stops

@@ -21,6 +21,7 @@ from fleet import contract
 from fleet.contract import JobSpec
 from fleet.settings import ProducerSettings
 from producer.client import Client
+from tests import fault_tally
 from tests.conftest import own_fleet_env
 from tests.fleet_fixtures import WorkerProcess, settings_kwargs, wait_until
 
@@ -90,12 +91,12 @@ def test_killed_pool_child_loses_and_duplicates_nothing(
     ids = [h.job_id for h in handles]
     for _ in range(5):
         kill_pool_child_mid_job(w, received(w))
-    statuses = qclient.wait(ids, timeout=180)
-    assert [s.state for s in statuses] == ["succeeded"] * 20
-    for s in statuses:
-        keys = objects_of(store, s.job_id)
-        assert keys == [contract.image_key(s.job_id, 0), contract.manifest_key(s.job_id)]
-        assert store.get_json(contract.manifest_key(s.job_id))["status"] == "succeeded"
+    fig = fault_tally.tally("pool child SIGKILL", qclient, ids, lambda: [w.log()], kills=5)
+    fault_tally.assert_clean(fig)
+    for job_id in ids:
+        keys = objects_of(store, job_id)
+        assert keys == [contract.image_key(job_id, 0), contract.manifest_key(job_id)]
+        assert store.get_json(contract.manifest_key(job_id))["status"] == "succeeded"
     assert w.log().count("WorkerLostError") >= 5, w.log()[-3000:]
 
 
@@ -122,25 +123,39 @@ def test_whole_worker_killed_job_comes_back_after_the_visibility_timeout(
     w = start_worker("killall", queues=queue, **FAST_REDELIVERY)
     handle = qclient.submit(job(steps=150))
     wait_until(lambda: started_job(qclient, [handle.job_id]), 60, "the job running")
+    behind = qclient.submit(job(steps=2))  # reserved or still queued: not lost either
     os.killpg(w.proc.pid, signal.SIGKILL)  # the worker and its pool child, as a crash would
     w.proc.wait(10)
     killed_at = time.monotonic()
     w.start()
     st = handle.wait(timeout=120)
     redelivered_after = time.monotonic() - killed_at
+    fig = fault_tally.tally("whole worker SIGKILL", qclient, [handle.job_id, behind.job_id],
+                            lambda: [w.log()], redelivered_after_s=round(redelivered_after, 1),
+                            visibility_timeout_s=8)  # fmt: skip
+    fault_tally.assert_clean(fig)
     assert st.state == "succeeded"
     assert redelivered_after >= 7  # not before the visibility timeout (8 s)...
-    print(f"whole-worker kill: job done {redelivered_after:.1f} s after the kill")
     assert redelivered_after < 60  # ...and not the 1 h default or a 90 s sweep
 
 
 def test_warm_shutdown_finishes_the_running_job(start_worker, qclient: Client, queue: str) -> None:
+    """SIGTERM: the running job finishes and the worker exits 0; the jobs queued behind it are
+    not lost (the default one-hour visibility timeout: none may wait for it) and a restarted
+    worker runs them, each once."""
     w = start_worker("warm", queues=queue)
     handle = qclient.submit(job(steps=150))
     wait_until(lambda: started_job(qclient, [handle.job_id]), 60, "the job running")
+    behind = [h.job_id for h in qclient.submit_many([job(steps=2) for _ in range(2)])]
     os.kill(w.proc.pid, signal.SIGTERM)
     assert w.proc.wait(120) == 0
     assert handle.status().state == "succeeded"
+    ran_before_exit = sum(1 for j in behind if qclient.status(j).state == "succeeded")
+    w.start()
+    fig = fault_tally.tally("whole worker SIGTERM (warm)", qclient, [handle.job_id, *behind],
+                            lambda: [w.log()], timeout=90,
+                            behind_done_before_exit=ran_before_exit)  # fmt: skip
+    fault_tally.assert_clean(fig)
 
 
 def raw_message(task: str, body: bytes, content_type: str, queue: str) -> bytes:

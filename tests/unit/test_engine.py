@@ -234,3 +234,46 @@ def test_memory_is_released_after_a_soft_time_limit_too(engine: Engine, monkeypa
     finally:
         engine.pipe = real_pipe
     assert released == [True]
+
+
+def test_out_of_host_memory_fails_the_job_alone_saying_what_to_do(engine: Engine) -> None:
+    """torch's CPU allocator failing (an address-space limit, RAM refused) or a MemoryError:
+    HostOutOfMemory naming the size and what to change while the self-test passes; the worker's
+    (PipelineBroken) when the self-test cannot get its memory either."""
+    from fleet.errors import DeviceOutOfMemory, GenerationError, HostOutOfMemory, PipelineBroken
+
+    real_pipe = engine.pipe
+
+    class StarvedPipe:
+        def __init__(self, failures: int, error: Exception) -> None:
+            self.scheduler = real_pipe.scheduler
+            self.failures, self.error = failures, error
+
+        def __call__(self, **kw):  # type: ignore[no-untyped-def]
+            if self.failures:
+                self.failures -= 1
+                raise self.error
+            real_pipe.scheduler = self.scheduler
+            return real_pipe(**kw)
+
+    # The message torch 2.13 gives under `prlimit --as` (measured on the worker's pool child).
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                       "allocate memory: you tried to allocate 16777216 bytes. Error code 12 "
+                       "(Cannot allocate memory)")  # fmt: skip
+    try:
+        for error in (cpu, MemoryError()):
+            engine.pipe = StarvedPipe(1, error)
+            with pytest.raises(HostOutOfMemory) as starved:
+                engine.generate(job(width=96, height=64, images=2))
+            message = str(starved.value)
+            assert "out of host memory generating 2 image(s) of 96x64" in message
+            assert "smaller width/height or fewer images" in message and "more memory" in message
+            assert starved.value.disposition == "job"
+            assert isinstance(starved.value, GenerationError)
+            assert not isinstance(starved.value, DeviceOutOfMemory)  # no device to shrink for
+        engine.pipe = StarvedPipe(2, cpu)  # the self-test gets no memory either
+        with pytest.raises(PipelineBroken, match="fails even on its self-test"):
+            engine.generate(job())
+    finally:
+        engine.pipe = real_pipe
+    assert len(engine.generate(job()).images) == 1  # and the engine goes on

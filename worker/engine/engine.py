@@ -20,6 +20,7 @@ from fleet.errors import (
     DeviceOutOfMemory,
     FleetError,
     GenerationError,
+    HostOutOfMemory,
     JobCancelled,
     JobValidationError,
     PipelineBroken,
@@ -59,6 +60,21 @@ def raised_by_input_checks(exc: BaseException) -> bool:
     frame = frames[-1][0]  # where it was raised
     module = str(frame.f_globals.get("__name__", ""))
     return frame.f_code.co_name in _INPUT_CHECKS and module.startswith("diffusers.pipelines")
+
+
+#: What torch's CPU allocator says when malloc/posix_memalign fails (RLIMIT_AS, overcommit
+#: refused): "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate
+#: memory: you tried to allocate N bytes. Error code 12 (Cannot allocate memory)".
+_HOST_OOM_MARKERS = ("DefaultCPUAllocator", "can't allocate memory", "Cannot allocate memory")
+
+
+def out_of_host_memory(exc: BaseException) -> bool:
+    """Whether an error says the host could not give memory (not the device): Python's
+    MemoryError, or torch's CPU allocator failing (a RuntimeError, or an OutOfMemoryError
+    naming the CPU allocator)."""
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _HOST_OOM_MARKERS)
 
 
 @dataclass
@@ -186,6 +202,8 @@ class Engine:
             raise  # recorded as a timeout / a cancellation by the caller
         except torch.cuda.OutOfMemoryError as exc:
             self.release_memory()
+            if out_of_host_memory(exc):
+                raise self._worker_or_job_failure(exc, specs) from exc
             count = sum(s.images for s in specs)
             raise DeviceOutOfMemory(
                 f"out of device memory generating {count} image(s) of "
@@ -193,12 +211,12 @@ class Engine:
             ) from exc
         except ValueError as exc:
             if not raised_by_input_checks(exc):
-                raise self._worker_or_job_failure(exc) from exc
+                raise self._worker_or_job_failure(exc, specs) from exc
             # The pipeline's own input checks: this model cannot take the job (e.g. a size).
             ids = ", ".join(s.job_id for s in specs)
             raise JobValidationError([("job", ids, f"the pipeline refused it: {exc}")]) from exc
         except Exception as exc:
-            raise self._worker_or_job_failure(exc) from exc
+            raise self._worker_or_job_failure(exc, specs) from exc
         elapsed = time.perf_counter() - started
         images = list(out.images)
         per_job = specs[0].images
@@ -216,11 +234,19 @@ class Engine:
             for i, spec in enumerate(specs)
         ]
 
-    def _worker_or_job_failure(self, exc: BaseException) -> FleetError:
+    def _worker_or_job_failure(
+        self, exc: BaseException, specs: list[JobSpec] | None = None
+    ) -> FleetError:
         """An error the job's fields did not cause (a CUDA error, a model whose parts do not
         fit): the worker's, when its self-test fails too (PipelineBroken: the job goes back to
-        its queue and this worker stops taking jobs); else this job's alone (GenerationError)."""
+        its queue and this worker stops taking jobs); else this job's alone (GenerationError,
+        or HostOutOfMemory when the host could not give the call its memory)."""
         what = f"{type(exc).__name__}: {str(exc)[:500]}"
+        host_oom = out_of_host_memory(exc)
+        if host_oom:
+            import gc
+
+            gc.collect()  # the failed call's tensors, before the self-test asks for memory
         try:
             self.self_test()
         except Exception as again:
@@ -229,6 +255,15 @@ class Engine:
                 f"the pipeline fails even on its self-test ({type(again).__name__}: "
                 f"{str(again)[:300]}) after {what}: restart the worker; if it persists, check "
                 "the device (nvidia-smi, the kernel log) and the model's files"
+            )
+        if host_oom:
+            count = sum(s.images for s in specs) if specs else "?"
+            size = f"{specs[0].width}x{specs[0].height}" if specs else "this size"
+            return HostOutOfMemory(
+                f"out of host memory generating {count} image(s) of {size} in one call "
+                f"({what}): ask for a smaller width/height or fewer images per prompt, or give "
+                "the worker more memory (RAM, its container's memory limit, ulimit -v); the "
+                "worker's self-test passes, so other jobs go on"
             )
         return GenerationError(
             f"generation failed inside the pipeline, not over a field of the job ({what}); "
