@@ -40,6 +40,15 @@ class JobLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         return f"[job={extra.get('job_id')} task={extra.get('task_id')}] {msg}", kwargs
 
 
+def log_id(job_id: object) -> str:
+    """A job id as its log lines show it: itself when it is a valid id (greppable as
+    ``[job=<id> ``), else quoted and bounded, so a NUL, a newline or a megabyte sent as an id
+    never reaches the log as it is."""
+    if isinstance(job_id, str) and contract.JOB_ID_PATTERN.match(job_id):
+        return job_id
+    return repr(contract.quote_value(job_id))
+
+
 class JobRunner:
     """Runs jobs on one warm engine and stores their images under the contract's key layout."""
 
@@ -78,8 +87,7 @@ class JobRunner:
         exist: the S3 lookup before and the failure-index cleanup after are skipped."""
         job_id = job.get("job_id") if isinstance(job, dict) else None
         device = self.engine.placement.device if self.engine.placement else self.settings.device
-        shown = job_id if isinstance(job_id, str) and len(job_id) <= 128 else (
-            repr(contract.quote_value(job_id)))  # fmt: skip
+        shown = log_id(job_id)
         jlog = JobLog(log, {"job_id": shown, "task_id": task_id, "queue": queue, "device": device})
         started = time.perf_counter()
         # Its id first: with a usable id, a job that already succeeded is returned as it is,

@@ -277,3 +277,12 @@ def test_out_of_host_memory_fails_the_job_alone_saying_what_to_do(engine: Engine
     finally:
         engine.pipe = real_pipe
     assert len(engine.generate(job()).images) == 1  # and the engine goes on
+
+
+@pytest.mark.parametrize("bad", ["a\x00b", "line\nbreak", "x" * 100_000, 12, None, ["a"]])
+def test_an_invalid_job_id_reaches_the_log_quoted_and_bounded(bad: object) -> None:
+    from worker.runner import log_id
+
+    shown = log_id(bad)
+    assert "\x00" not in shown and "\n" not in shown and len(shown) < 200
+    assert log_id("job-42.r1") == "job-42.r1"  # a valid id as it is: greppable
