@@ -46,7 +46,13 @@ def test_cpu_workers_share_jobs_restart_after_a_crash_and_stop_warmly(
                 if b["node"] not in before and "fleet.launch" in b["queues"]
             }
 
-        beats = wait_for(lambda: ours() if len(ours()) == 2 else None, what="two heartbeats")
+        def both_ready() -> dict[str, dict] | None:
+            # A heartbeat appears at start; a worker consumes only once its gate opened.
+            now = ours()
+            return now if len(now) == 2 and all(b.get("state") == "ready" for b in now.values()) \
+                else None  # fmt: skip
+
+        beats = wait_for(both_ready, what="two workers ready")
         assert set(beats) == {"cpu0", "cpu1"}
 
         # Jobs spread over both workers (each pulls one at a time).
