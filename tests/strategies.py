@@ -720,19 +720,24 @@ class Entry:
         body = self.data if self.data is not None else dumps(self.body)
         message = envelope(body, queue, task_id, base64_body=self.base64_body)
         if self.mutate is not None:
-            path, value = self.mutate
-            *parents, last = path.split(".")
-            target = message
-            for part in parents:
-                target = target[part]
-            if value is REMOVE:
-                del target[last]
-            else:
-                target[last] = value
+            set_path(message, *self.mutate)
         return dumps(message)
 
 
 REMOVE = "<remove>"
+
+
+def set_path(message: dict[str, Any], path: str, value: Any) -> None:
+    """Set the envelope part at dotted ``path`` (``headers.timelimit``) to ``value``, or take
+    it out when ``value`` is REMOVE."""
+    *parents, last = path.split(".")
+    target = message
+    for part in parents:
+        target = target[part]
+    if value is REMOVE:
+        del target[last]
+    else:
+        target[last] = value
 
 
 def depth_of(value: Any) -> int:

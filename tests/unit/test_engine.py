@@ -32,6 +32,21 @@ def job(**kw):  # type: ignore[no-untyped-def]
     return validate_job({"prompt": "a fox", "width": 64, "height": 64, "steps": 3, **kw})
 
 
+class FailingPipe:
+    """The real pipeline, raising ``error`` on its first ``failures`` calls."""
+
+    def __init__(self, real_pipe, failures: int, error: Exception) -> None:  # type: ignore[no-untyped-def]
+        self.real_pipe, self.scheduler = real_pipe, real_pipe.scheduler
+        self.failures, self.error = failures, error
+
+    def __call__(self, **kw):  # type: ignore[no-untyped-def]
+        if self.failures:
+            self.failures -= 1
+            raise self.error
+        self.real_pipe.scheduler = self.scheduler
+        return self.real_pipe(**kw)
+
+
 def test_images_have_the_size_and_seeds_of_the_job(engine: Engine) -> None:
     out = engine.generate(job(width=96, height=64, images=3, seed=7))
     assert [im.size for im in out.images] == [(96, 64)] * 3
@@ -179,29 +194,19 @@ def test_an_error_the_job_did_not_cause_is_the_workers_when_the_self_test_fails_
 
     real_pipe = engine.pipe
 
-    class FailingPipe:
-        def __init__(self, failures: int, error: Exception) -> None:
-            self.scheduler = real_pipe.scheduler
-            self.failures, self.error = failures, error
-
-        def __call__(self, **kw):  # type: ignore[no-untyped-def]
-            if self.failures:
-                self.failures -= 1
-                raise self.error
-            real_pipe.scheduler = self.scheduler
-            return real_pipe(**kw)
-
     cuda = RuntimeError("CUDA error: an illegal memory access was encountered")
     try:
-        engine.pipe = FailingPipe(1, cuda)  # once: the device works again for the self-test
+        # Once: the device works again for the self-test.
+        engine.pipe = FailingPipe(real_pipe, 1, cuda)
         with pytest.raises(GenerationError, match="not over a field of the job") as once:
             engine.generate(job())
         assert not isinstance(once.value, PipelineBroken)
-        engine.pipe = FailingPipe(2, cuda)  # the self-test fails as well: a broken device
+        # Twice: the self-test fails as well, a broken device.
+        engine.pipe = FailingPipe(real_pipe, 2, cuda)
         with pytest.raises(PipelineBroken, match="fails even on its self-test") as broken:
             engine.generate(job())
         assert broken.value.disposition == "worker" and "illegal memory access" in str(broken.value)
-        engine.pipe = FailingPipe(1, ValueError("Sequence length must be less than 77"))
+        engine.pipe = FailingPipe(real_pipe, 1, ValueError("Sequence length must be less than 77"))
         with pytest.raises(GenerationError) as deep:  # raised outside the input checks
             engine.generate(job())
         assert not isinstance(deep.value, JobValidationError)
@@ -244,25 +249,13 @@ def test_out_of_host_memory_fails_the_job_alone_saying_what_to_do(engine: Engine
 
     real_pipe = engine.pipe
 
-    class StarvedPipe:
-        def __init__(self, failures: int, error: Exception) -> None:
-            self.scheduler = real_pipe.scheduler
-            self.failures, self.error = failures, error
-
-        def __call__(self, **kw):  # type: ignore[no-untyped-def]
-            if self.failures:
-                self.failures -= 1
-                raise self.error
-            real_pipe.scheduler = self.scheduler
-            return real_pipe(**kw)
-
     # The message torch 2.13 gives under `prlimit --as` (measured on the worker's pool child).
     cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
                        "allocate memory: you tried to allocate 16777216 bytes. Error code 12 "
                        "(Cannot allocate memory)")  # fmt: skip
     try:
         for error in (cpu, MemoryError()):
-            engine.pipe = StarvedPipe(1, error)
+            engine.pipe = FailingPipe(real_pipe, 1, error)
             with pytest.raises(HostOutOfMemory) as starved:
                 engine.generate(job(width=96, height=64, images=2))
             message = str(starved.value)
@@ -271,7 +264,7 @@ def test_out_of_host_memory_fails_the_job_alone_saying_what_to_do(engine: Engine
             assert starved.value.disposition == "job"
             assert isinstance(starved.value, GenerationError)
             assert not isinstance(starved.value, DeviceOutOfMemory)  # no device to shrink for
-        engine.pipe = StarvedPipe(2, cpu)  # the self-test gets no memory either
+        engine.pipe = FailingPipe(real_pipe, 2, cpu)  # the self-test gets no memory either
         with pytest.raises(PipelineBroken, match="fails even on its self-test"):
             engine.generate(job())
     finally:

@@ -105,18 +105,11 @@ def changed(path: str, value: object, body: object = None) -> str:
     """A good task message with the envelope part at ``path`` set to ``value`` (REMOVE: taken
     out)."""
     message = json.loads(envelope(body if body is not None else [[], {"job": {}}, None]))
-    *parents, last = path.split(".")
-    target = message
-    for part in parents:
-        target = target[part]
-    if value is REMOVE:
-        del target[last]
-    else:
-        target[last] = value
+    S.set_path(message, path, value)
     return json.dumps(message)
 
 
-REMOVE = object()
+REMOVE = S.REMOVE
 
 #: (path, value): header and property values Celery's worker cannot take; the first ones each
 #: stopped the worker that took them before the transport checked them.
