@@ -355,6 +355,10 @@ class JobSpec(BaseModel):
     webhook: Text | None = None
     #: Unix time the producer enqueued the job (for queue-wait metrics); not part of the recipe.
     submitted_at: float | None = None
+    #: Where the seeds' noise is drawn. None or "cpu": on the CPU, the same initial latents on
+    #: every kind of worker (pinned, balanced, offloading). "cuda": on the worker's GPU, as
+    #: pinned CUDA workers drew it before seeding moved to the CPU (replays of their recipes).
+    generator_device: Literal["cpu", "cuda"] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -519,6 +523,7 @@ class JobSpec(BaseModel):
             "scheduler": self.scheduler,
             "model": model,
             "revision": revision,
+            "generator_device": self.generator_device or "cpu",
         }
 
 
@@ -588,7 +593,41 @@ def time_limits(spec: JobSpec, base_s: float, per_mpx_step_s: float) -> tuple[fl
 
 #: The fields that make two jobs the same job: one id, one recipe.
 RECIPE_FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed",
-                 "images", "model", "scheduler")  # fmt: skip
+                 "images", "model", "scheduler", "generator_device")  # fmt: skip
+
+#: Fields added to schema 1 after its first release: left out of a message while unset, so a
+#: worker from before them (which refuses unknown fields) still takes the job.
+LATER_FIELDS = ("generator_device",)
+
+
+def recorded_job(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's job as it ran, to submit again (``producer replay``, ``retry``). A manifest
+    from before ``generator_device`` drew its noise where its worker seeded then: on the GPU
+    of a pinned CUDA worker without offloading, else on the CPU."""
+    job = dict(manifest.get("job") or {})
+    if job and "generator_device" not in job:
+        replay, worker = manifest.get("replay"), manifest.get("worker")
+        replay = replay if isinstance(replay, dict) else {}
+        worker = worker if isinstance(worker, dict) else {}
+        seeded = replay.get("generator_device") or worker.get("generator_device")
+        if seeded is None:
+            pinned_gpu = (
+                str(worker.get("device", "")).startswith("cuda")
+                and worker.get("placement", "pinned") == "pinned"
+                and worker.get("offload", "none") == "none"
+            )
+            seeded = "cuda" if pinned_gpu else "cpu"
+        job["generator_device"] = "cuda" if str(seeded).startswith("cuda") else "cpu"
+    return job
+
+
+def job_payload(spec: JobSpec) -> dict[str, Any]:
+    """The job as a message carries it (JSON), without the later fields that are unset."""
+    data = spec.model_dump(mode="json")
+    for name in LATER_FIELDS:
+        if data.get(name) is None:
+            data.pop(name, None)
+    return data
 
 
 def claim_value(queue: str, spec: JobSpec) -> str:
@@ -628,6 +667,79 @@ def queue_for(model: str | None, routes: dict[str, str], default: str = DEFAULT_
 
 
 # ---------------------------------------------------------------------------------------------
+# Model rules: what a worker's model can honour. The worker derives them from its loaded
+# pipeline (worker.engine.rules) and publishes them in its info (WORKER_INFO_KEY, "rules");
+# the producer refuses a job that breaks them before enqueueing it, the worker again before
+# generating. A field the model cannot honour is refused, naming it; never dropped or changed.
+
+Guidance = Literal["classifier-free", "distilled", "none"]
+
+
+class ModelRules(BaseModel):
+    """The rules of one model (plain data: the producer reads them from Redis as JSON)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    pipeline: str
+    #: The contract's scheduler names this model takes ("default" always).
+    schedulers: tuple[str, ...] = SCHEDULERS
+    scheduler_class: str | None = None
+    #: A flow-matching model (SD3, Flux): the contract's DDPM-family schedulers do not fit it.
+    flow_matching: bool = False
+    #: Width and height must be multiples of this (the VAE's downscale times the latent patch).
+    side_multiple: int = 8
+    #: The largest width or height the model's position embedding covers; None: no such bound.
+    max_side: int | None = None
+    #: classifier-free: ``guidance`` weighs a negative (or empty) prompt against the prompt;
+    #: distilled: it is an input of the model (Flux); none: the model takes no guidance.
+    guidance: Guidance = "classifier-free"
+    #: Whether a negative prompt changes the images (classifier-free guidance only).
+    negative_prompt: bool = True
+    #: Text tokens the worker encodes (the pipeline's ``max_sequence_length``); informative.
+    max_sequence_length: int | None = None
+
+    def problems(self, spec: JobSpec) -> list[tuple[str, object, str]]:
+        """``(field, value, message)`` for each field of ``spec`` this model cannot honour."""
+        out: list[tuple[str, object, str]] = []
+        if spec.scheduler not in self.schedulers:
+            why = (
+                f"{self.pipeline} denoises by flow matching ({self.scheduler_class}); the "
+                "contract's other schedulers are for noise-prediction models"
+                if self.flow_matching
+                else f"{self.pipeline}'s scheduler {self.scheduler_class} cannot be swapped for it"
+            )
+            out.append(("scheduler", spec.scheduler,
+                        f"{why}: choose one of: {', '.join(self.schedulers)}"))  # fmt: skip
+        m = self.side_multiple
+        for name in ("width", "height"):
+            value = getattr(spec, name)
+            if value % m:
+                lower = value - value % m
+                hint = f"e.g. {lower} or {lower + m}" if lower else f"e.g. {m}"
+                out.append((name, value, f"{self.pipeline} needs a multiple of {m} ({hint}); "
+                                         "it would resize the image otherwise"))  # fmt: skip
+            elif self.max_side is not None and value > self.max_side:
+                out.append((name, value, f"{self.pipeline} takes at most {self.max_side} (its "
+                                         "position embedding ends there)"))  # fmt: skip
+        if spec.negative_prompt and not self.negative_prompt:
+            kind = "distilled (an input of the model)" if self.guidance == "distilled" else "none"
+            out.append(("negative_prompt", quote_value(spec.negative_prompt),
+                        f"{self.pipeline} would ignore it: its guidance is {kind}, not "
+                        "classifier-free; leave negative_prompt empty"))  # fmt: skip
+        if self.guidance == "none" and spec.guidance > 1:
+            out.append(("guidance", spec.guidance,
+                        f"{self.pipeline} takes no guidance (its model embeds none), so it would "
+                        "ignore it: send guidance 0 or 1"))  # fmt: skip
+        return out
+
+    def check(self, spec: JobSpec) -> None:
+        """Raise JobValidationError naming each field of ``spec`` this model cannot honour."""
+        problems = self.problems(spec)
+        if problems:
+            raise JobValidationError(problems)
+
+
+# ---------------------------------------------------------------------------------------------
 # The result.
 
 
@@ -638,6 +750,9 @@ class ImageRecord(BaseModel):
     width: int
     height: int
     url: str | None = None
+    #: Whether the pipeline's safety checker flagged the image (it is then black); None when
+    #: the pipeline has no checker.
+    nsfw: bool | None = None
 
 
 class JobResult(BaseModel):
@@ -657,6 +772,13 @@ class JobResult(BaseModel):
     error_type: str | None = None
     timings: dict[str, float] = Field(default_factory=dict)
     worker: dict[str, Any] = Field(default_factory=dict)
+    #: Whether a text encoder read less than the whole prompt (CLIP reads 77 tokens), and the
+    #: token counts per tokenizer: ``{"truncated": bool, "tokenizers": {name: {...}}}``.
+    prompt_truncated: bool | None = None
+    prompt_tokens: dict[str, Any] | None = None
+    #: With a safety checker: its policy and the images it flagged
+    #: (``{"checker": class, "policy": "flag"|"drop", "flagged": [i], "dropped": [i]}``).
+    safety: dict[str, Any] | None = None
 
 
 class JobStatus(BaseModel):

@@ -135,6 +135,10 @@ class JobExpired(FleetError):
     """The job was not started before its deadline (``producer submit --deadline``)."""
 
 
+class ImageFlagged(FleetError):
+    """The pipeline's safety checker flagged an image and FLEET_SAFETY_POLICY=fail."""
+
+
 class JobTimedOut(FleetError):
     """The job ran past its soft time limit and was stopped."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fleet.contract import DEFAULT_QUEUE, Limits
@@ -151,6 +151,7 @@ class ProducerGroup(BaseModel):
 
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
 PlacementMode = Literal["pinned", "balanced"]
+SafetyPolicy = Literal["flag", "drop", "fail"]
 OffloadMode = Literal["none", "model", "sequential"]
 
 
@@ -165,6 +166,17 @@ class WorkerGroup(BaseModel):
     )
     model_revision: str | None = Field(None, description="Hub revision; pin a commit to reproduce.")
     local_files_only: bool = Field(False, description="Never contact the model hub.")
+    safety_policy: SafetyPolicy = Field(
+        "flag",
+        description="When the model's safety checker flags an image: flag (store the blacked-out "
+        "image, flagged), drop (store none, list it as dropped) or fail (fail the job).",
+    )
+    hf_token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("FLEET_HF_TOKEN", "HF_TOKEN"),
+        description="Hugging Face hub token for gated or private models (HF_TOKEN also works, "
+        "from the environment or .env); masked everywhere.",
+    )
     dtype: Dtype = Field("auto", description="auto: float16 on CUDA, float32 on CPU.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     placement: PlacementMode = Field(

@@ -208,7 +208,7 @@ def _publish(
                     options: dict[str, Any] = dict(routes[queues[i]])
                     if deadline_s is not None:
                         options["expiration"] = max(float(deadline_s), 0.0)
-                    job = spec.model_dump(mode="json")
+                    job = contract.job_payload(spec)
                     if stamp:
                         job["submitted_at"] = time.time()  # as Client._enqueue: queue-wait metric
                     kwargs = {"job": job}

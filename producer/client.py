@@ -71,6 +71,27 @@ def check_deadline(deadline_s: float | None) -> None:
         raise JobValidationError([("deadline", deadline_s, why)])
 
 
+#: How long a client keeps the model rules it read from the workers before reading them again.
+RULES_REFRESH_S = 5.0
+
+
+@dataclass(frozen=True)
+class _WorkerRules:
+    """The rules one live worker published: the queues it consumes and the model it serves."""
+
+    queues: frozenset[str]
+    model: str | None
+    rules: contract.ModelRules
+
+
+def _json_object(raw: bytes | str | None) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 @dataclass
 class JobHandle:
     """A submitted job: ask for its status or wait for its result."""
@@ -101,6 +122,8 @@ class Client:
         self._redis: redis.Redis | None = None
         self._store: ObjectStore | None = None
         self._redis_checked = False
+        #: The model rules the live workers published, and when they were read.
+        self._rules: tuple[float, list[_WorkerRules]] | None = None
 
     # -- connections, made on first use ---------------------------------------------------------
 
@@ -130,8 +153,55 @@ class Client:
     # -- submitting -----------------------------------------------------------------------------
 
     def validate(self, job: JobSpec | dict[str, Any]) -> JobSpec:
-        """Check a job against this fleet's limits; raises JobValidationError naming each field."""
-        return validate_job(job, self.settings.limits())
+        """Check a job against this fleet's limits, and against the rules of the model that the
+        live workers of its queue serve, where they published them (a flow-matching model takes
+        no DDIM, Flux no negative prompt, ...); raises JobValidationError naming each field."""
+        spec = validate_job(job, self.settings.limits())
+        problems: list[tuple[str, object, str]] = []
+        for rules in self.model_rules(self.queue_for(spec), spec.model):
+            problems += [p for p in rules.problems(spec) if p not in problems]
+        if problems:
+            raise JobValidationError(problems)
+        return spec
+
+    def model_rules(self, queue: str, model: str | None = None) -> list[contract.ModelRules]:
+        """The rules of the models the live workers consuming ``queue`` serve (only those
+        serving ``model`` when a job names one), from their heartbeats and published info, read
+        at most every RULES_REFRESH_S. Any of them may take the job, so a job must keep the
+        rules of each. Empty when none is known (no live worker yet, a worker from before the
+        rules, Redis away): the worker checks the job again anyway."""
+        now = time.monotonic()
+        if self._rules is None or now - self._rules[0] > RULES_REFRESH_S:
+            self._rules = (now, self._read_rules())
+        return [r.rules for r in self._rules[1]
+                if queue in r.queues and (model is None or model == r.model)]  # fmt: skip
+
+    def _read_rules(self) -> list[_WorkerRules]:
+        found: list[_WorkerRules] = []
+        try:
+            pattern = contract.HEARTBEAT_KEY.format(node="*")
+            for key in self.redis.scan_iter(pattern, count=1000):
+                beat = _json_object(self.redis.get(key))
+                node = beat.get("node") if beat is not None else None
+                if beat is None or not isinstance(node, str):
+                    continue
+                # Ready only: a worker still loading may have the info of its last model.
+                state = _json_object(self.redis.get(contract.WORKER_STATE_KEY.format(node=node)))
+                info = _json_object(self.redis.get(contract.WORKER_INFO_KEY.format(node=node)))
+                ready = state is not None and state.get("state") == "ready"
+                if not ready or info is None or not isinstance(info.get("rules"), dict):
+                    continue
+                try:
+                    rules = contract.ModelRules.model_validate(info["rules"])
+                except ValueError as exc:
+                    log.warning("worker %s published rules this producer cannot read: %s",
+                                node, exc)  # fmt: skip
+                    continue
+                queues = frozenset(q for q in beat.get("queues") or () if isinstance(q, str))
+                found.append(_WorkerRules(queues, info.get("model_name"), rules))
+        except redis.RedisError as exc:
+            log.debug("the workers' model rules are unknown: %s", exc)
+        return found
 
     def queue_for(self, spec: JobSpec) -> str:
         return contract.queue_for(spec.model, self.settings.model_routes, self.settings.queue)
@@ -193,7 +263,7 @@ class Client:
             )
             self.celery.send_task(
                 contract.TASK_GENERATE,
-                kwargs={"job": {**spec.model_dump(mode="json"), "submitted_at": time.time()}},
+                kwargs={"job": {**contract.job_payload(spec), "submitted_at": time.time()}},
                 queue=queue,
                 task_id=spec.job_id,
                 soft_time_limit=soft,
@@ -394,7 +464,7 @@ class Client:
             manifest = self.store.get_json(source)
             if manifest is None:
                 raise FleetError(f"no manifest at s3://{self.store.bucket}/{source} or {source}")
-        job = dict(manifest.get("job") or {})
+        job = contract.recorded_job(manifest)
         if not job:
             raise FleetError(f"{source} holds no job recipe (is it a fleet manifest?)")
         if index is not None:
@@ -509,7 +579,7 @@ class Client:
                 break
         else:
             raise FleetError(f"job {job_id} was retried 1,000 times; not again")
-        spec = self.validate({**manifest["job"], "job_id": new_id})  # says why if now invalid
+        spec = self.validate({**contract.recorded_job(manifest), "job_id": new_id})  # or why not
         handle = self._enqueue(spec)
         entry = self.store.get_json(contract.failure_key(job_id, prefix)) or {"job_id": job_id}
         entry["retried_as"] = new_id

@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, help="jobs per throughput run (12; quick 6)")
     p.add_argument("--repeats", type=int, help="throughput runs (7; quick 3)")
     p.add_argument("--bulk-jobs", type=int, help="jobs per bulk enqueue run (10000; quick 1000)")
+    p.add_argument("--steps", type=int, help="denoising steps per image (20)")
+    p.add_argument("--batch-jobs", type=int, help="jobs per batching run (64; quick 16)")
     p.add_argument("--keep", action="store_true", help="keep worker logs (kept on failure)")
     p.add_argument("--role", choices=("main", "pipeline", "noop-worker"), default="main",
                    help=argparse.SUPPRESS)  # fmt: skip

@@ -45,12 +45,19 @@ def fleet_env(endpoints, tiny_model: Path, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="session")
-def start_worker(
-    fleet_env: dict, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Callable[..., WorkerProcess]]:
+def all_workers() -> Iterator[list[WorkerProcess]]:
+    """Every worker the tests started; the session ends by stopping those still running."""
     started: list[WorkerProcess] = []
-    logs = tmp_path_factory.mktemp("worker-logs")
+    yield started
+    for w in started:  # all at once: each warm shutdown takes seconds
+        w.signal_stop()
+    for w in started:
+        w.stop()
 
+
+def worker_starter(
+    fleet_env: dict, logs: Path, started: list[WorkerProcess], mine: list[WorkerProcess]
+) -> Callable[..., WorkerProcess]:
     def start(
         name: str, queues: str = "fleet", pool: str = "prefork", concurrency: int = 1, **env: str
     ) -> WorkerProcess:
@@ -58,19 +65,48 @@ def start_worker(
         w = WorkerProcess(node, {**fleet_env, **env}, logs / f"{name}.log", queues=queues,
                           pool=pool, concurrency=concurrency)  # fmt: skip
         started.append(w)
+        mine.append(w)
         return w.start()
 
-    yield start
-    for w in started:  # all at once: each warm shutdown takes seconds
+    return start
+
+
+@pytest.fixture()
+def start_worker(
+    fleet_env: dict, tmp_path_factory: pytest.TempPathFactory, all_workers: list[WorkerProcess]
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """Starts real workers for one test. They get the warm-shutdown signal when the test ends
+    (an idle worker left running takes CPU from the tests after it: heartbeats, restore sweeps)
+    and are waited for when the session ends."""
+    mine: list[WorkerProcess] = []
+    yield worker_starter(fleet_env, tmp_path_factory.mktemp("worker-logs"), all_workers, mine)
+    for w in mine:
         w.signal_stop()
-    for w in started:
-        w.stop()
+
+
+@pytest.fixture(scope="module")
+def module_workers(
+    fleet_env: dict, tmp_path_factory: pytest.TempPathFactory, all_workers: list[WorkerProcess]
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """``start_worker`` for a module's shared workers: signalled when the module ends."""
+    mine: list[WorkerProcess] = []
+    yield worker_starter(fleet_env, tmp_path_factory.mktemp("worker-logs"), all_workers, mine)
+    for w in mine:
+        w.signal_stop()
 
 
 @pytest.fixture(scope="session")
-def worker(start_worker: Callable[..., WorkerProcess]) -> WorkerProcess:
+def session_workers(
+    fleet_env: dict, tmp_path_factory: pytest.TempPathFactory, all_workers: list[WorkerProcess]
+) -> Callable[..., WorkerProcess]:
+    """``start_worker`` for the session's shared workers, stopped when the session ends."""
+    return worker_starter(fleet_env, tmp_path_factory.mktemp("worker-logs"), all_workers, [])
+
+
+@pytest.fixture(scope="session")
+def worker(session_workers: Callable[..., WorkerProcess]) -> WorkerProcess:
     """The shared worker on the default queue, serving the tiny model."""
-    return start_worker("main")
+    return session_workers("main")
 
 
 @pytest.fixture()

@@ -125,9 +125,16 @@ def _warm_up() -> None:
 
         warm = bool(settings.warmup and settings.model)
         load = runtime.get_engine().setup if warm else None
-        self_test = runtime.get_engine().self_test if warm else None
+
+        def self_test() -> None:
+            runtime.get_engine().self_test()
+            # The model's rules (in the worker info) are there before the gate opens, so
+            # producers refuse what this model cannot honour from the first job on.
+            runtime.publish_worker_info(node)
+
         gate.check_readiness(runtime.get_redis(), node, load, runtime.verify_storage,
-                             self_test=self_test, redis_check=runtime.check_redis)  # fmt: skip
+                             self_test=self_test if warm else None,
+                             redis_check=runtime.check_redis)  # fmt: skip
 
     threading.Thread(target=check, name="fleet-warmup", daemon=True).start()
 

@@ -12,6 +12,7 @@ from fleet.contract import JobResult, JobSpec, validate_job
 from fleet.errors import (
     DeviceOutOfMemory,
     FleetError,
+    ImageFlagged,
     JobCancelled,
     JobValidationError,
     StorageError,
@@ -20,7 +21,7 @@ from fleet.settings import WorkerSettings
 from fleet.storage import ObjectStore
 from worker.engine.batcher import Batcher
 from worker.engine.engine import Engine, Generated, StepCallback
-from worker.engine.recipe import build_manifest, image_recipe, png_bytes
+from worker.engine.recipe import build_manifest, image_recipe, png_bytes, read_png_nsfw
 from worker.policies import oom_fallback
 from worker.records import clear_failure, raw_failure_manifest, write_failure
 from worker.spool import Spool
@@ -208,9 +209,12 @@ class JobRunner:
             "torch_threads": worker_info.get("torch_threads"),
         }
         model = self.settings.served_model or ""
+        revision, dtype = self.settings.model_revision, worker_info.get("dtype")
+        no_checker: list[bool | None] = [None] * len(generated.images)
+        flags = generated.nsfw if generated.nsfw is not None else no_checker
         pngs = [
-            png_bytes(image, image_recipe(spec, seed, model, self.settings.model_revision))
-            for image, seed in zip(generated.images, generated.seeds, strict=True)
+            png_bytes(image, image_recipe(spec, seed, model, revision, dtype), nsfw=flag)
+            for image, seed, flag in zip(generated.images, generated.seeds, flags, strict=True)
         ]
         jlog.info("generated %d image(s) in %.2f s", len(pngs), generated.timings["generate_s"])
         timings = dict(generated.timings)
@@ -240,6 +244,7 @@ class JobRunner:
         if per_call >= spec.images:
             return self.engine.generate(spec, on_step=step_cb)
         images: list[Any] = []
+        nsfw: list[bool] | None = None
         timings: dict[str, float] = {"generate_s": 0.0}
         for start in range(0, spec.images, per_call):
             part = spec.model_copy(update={
@@ -248,10 +253,12 @@ class JobRunner:
             })  # fmt: skip
             out = self.engine.generate(part, on_step=step_cb)
             images += out.images
+            if out.nsfw is not None:
+                nsfw = (nsfw or []) + out.nsfw
             timings["generate_s"] += out.timings["generate_s"]
         timings["per_image_s"] = timings["generate_s"] / spec.images
         timings["images_per_call"] = float(per_call)
-        return Generated(images=images, seeds=spec.seeds(), timings=timings)
+        return Generated(images=images, seeds=spec.seeds(), timings=timings, nsfw=nsfw)
 
     def _store(
         self,
@@ -265,17 +272,31 @@ class JobRunner:
         seed_derived: bool = False,
     ) -> dict[str, Any]:
         prefix = self.settings.s3_prefix
+        flags = [read_png_nsfw(data) for data in pngs]  # the checker's verdicts, kept in the PNGs
+        safety = self._safety(flags, jlog)
+        dropped = set(safety["dropped"]) if safety else set()
         upload_started = time.perf_counter()
         records: list[contract.ImageRecord] = []
         for index, (data, seed) in enumerate(zip(pngs, spec.seeds(), strict=True)):
+            if index in dropped:
+                continue
             key = contract.image_key(spec.job_id, index, prefix)
             self.store.put_bytes(key, data, "image/png")
             records.append(
                 contract.ImageRecord(
-                    index=index, key=key, seed=seed, width=spec.width, height=spec.height
+                    index=index,
+                    key=key,
+                    seed=seed,
+                    width=spec.width,
+                    height=spec.height,
+                    nsfw=flags[index],
                 )
             )
         timings = {**timings, "upload_s": time.perf_counter() - upload_started}
+        tokens = self.engine.prompt_tokens(spec)
+        if tokens["truncated"]:
+            jlog.warning("the prompt is longer than a text encoder reads; it was cut: %s",
+                         _cut_summary(tokens))  # fmt: skip
         timings["total_s"] = time.perf_counter() - started
         mkey = contract.manifest_key(spec.job_id, prefix)
         result = JobResult(
@@ -287,6 +308,9 @@ class JobRunner:
             manifest_key=mkey,
             timings=timings,
             worker=_worker_summary(worker_info),
+            prompt_truncated=tokens["truncated"],
+            prompt_tokens=tokens,
+            safety=safety,
         )
         manifest = build_manifest(
             spec,
@@ -295,6 +319,7 @@ class JobRunner:
             worker=worker_info,
             timings=timings,
         )
+        manifest.update(prompt_truncated=tokens["truncated"], prompt_tokens=tokens, safety=safety)
         manifest["result"] = result.model_dump(mode="json")
         # The manifest goes last: its presence with status "succeeded" marks the job complete.
         self.store.put_json(mkey, manifest)
@@ -304,6 +329,26 @@ class JobRunner:
         # Keys only: a presigned URL is a bearer credential, and results are logged ("Task ...
         # succeeded") and kept for days. Clients presign when they read (status, wait, webhook).
         return result.model_dump(mode="json")
+
+    def _safety(self, flags: list[bool | None], jlog: JobLog) -> dict[str, Any] | None:
+        """What the safety checker said and what FLEET_SAFETY_POLICY does with it: flag keeps
+        the (blacked-out) images, drop stores none of them, fail raises ImageFlagged."""
+        if not self.engine.has_safety_checker and all(f is None for f in flags):
+            return None
+        flagged = [i for i, f in enumerate(flags) if f]
+        policy = self.settings.safety_policy
+        if flagged:
+            jlog.warning("the safety checker flagged image(s) %s of %d (it blacks them out); "
+                         "FLEET_SAFETY_POLICY=%s", flagged, len(flags), policy)  # fmt: skip
+        if flagged and policy == "fail":
+            raise ImageFlagged(
+                f"the model's safety checker flagged image(s) {flagged} of {len(flags)} and this "
+                "worker's FLEET_SAFETY_POLICY is fail: try another prompt or seed (the checker "
+                "is the operator's choice: docs/operations.md, 'The safety checker')"
+            )
+        checker = type(getattr(self.engine.pipe, "safety_checker", None)).__name__
+        dropped = flagged if policy == "drop" else []
+        return {"checker": checker, "policy": policy, "flagged": flagged, "dropped": dropped}
 
     def record_failure(self, spec: JobSpec, exc: BaseException, jlog: JobLog) -> None:
         """Write a failure manifest so the failure outlives Celery's expiring results."""
@@ -397,6 +442,14 @@ class JobRunner:
                 )
 
         return report
+
+
+def _cut_summary(tokens: dict[str, Any]) -> str:
+    return "; ".join(
+        f"{name} ({t['class']}) reads {t['limit']} of the prompt's {t.get('prompt', 0)} tokens"
+        for name, t in tokens["tokenizers"].items()
+        if t["truncated"]
+    )
 
 
 def _worker_summary(info: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SIZES: tuple[str, ...] = ("tiny", "medium", "sdxl-tiny")
+SIZES: tuple[str, ...] = ("tiny", "medium", "sdxl-tiny", "sd3-tiny", "sd3-tiny-no-t5", "flux-tiny")
 MARKER_FILE = "fleet-testmodel.json"
 MODEL_INDEX = "model_index.json"
 
@@ -82,6 +82,54 @@ def _make_tokenizer(workdir: Path) -> Any:
     )
     shutil.rmtree(src)
     return tok
+
+
+# --------------------------------------------------------------------------- T5 tokenizer
+
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"  # nosec B105  # T5's special tokens
+#: Tokens the tiny T5 encoder reads (real FLUX.1 / SD3 read 512 / 256): keeps the models fast.
+T5_MAX_LENGTH = 32
+#: SentencePiece's word-start mark.
+WORD_START = "\u2581"
+#: Word-start and inner pieces of every printable ASCII character; anything else is <unk>.
+_T5_CHARS = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+T5_VOCAB: list[tuple[str, float]] = [
+    (T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0), (WORD_START, -2.0),
+    *((WORD_START + c, -3.0) for c in _T5_CHARS),
+    *((c, -4.0) for c in _T5_CHARS),
+]  # fmt: skip
+
+
+def _make_t5_tokenizer() -> Any:
+    """A T5TokenizerFast over a hand-made Unigram vocabulary (no training, no download).
+
+    The backend is built exactly as T5TokenizerFast rebuilds it when loading tokenizer.json
+    (Unigram without byte fallback, whitespace split then Metaspace, "</s>" appended), so the
+    saved tokenizer tokenizes the same after from_pretrained."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast  # type: ignore[attr-defined]  # lazily exported
+
+    backend = Tokenizer(Unigram(T5_VOCAB, unk_id=2, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement=WORD_START, prepend_scheme="always", split=True),
+    ])  # fmt: skip
+    backend.decoder = decoders.Metaspace(
+        replacement=WORD_START, prepend_scheme="always", split=True
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single=["$A", T5_EOS], pair=["$A", T5_EOS, "$B", T5_EOS], special_tokens=[(T5_EOS, 1)]
+    )
+    return T5TokenizerFast(
+        vocab=T5_VOCAB,
+        tokenizer_object=backend,
+        extra_ids=0,
+        model_max_length=T5_MAX_LENGTH,
+        eos_token=T5_EOS,
+        unk_token=T5_UNK,
+        pad_token=T5_PAD,
+    )
 
 
 # --------------------------------------------------------------------------- components
@@ -264,7 +312,154 @@ def _sdxl_components(workdir: Path) -> dict[str, Any]:
     }
 
 
+def _t5_encoder(d_model: int) -> Any:
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(T5_VOCAB),
+            d_model=d_model,
+            d_kv=8,
+            d_ff=2 * d_model,
+            num_layers=2,
+            num_heads=d_model // 8,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=T5_MAX_LENGTH,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+
+
+def _flow_vae(latent_channels: int) -> Any:
+    """Four levels like the real SD3/Flux VAEs (downscale 8: a 64x64 image is 8x8 latents), with
+    their latent shift and scale, in 8 channels."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=64,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
+
+def _sd3_components(workdir: Path, t5: bool) -> dict[str, Any]:
+    """Modelled on diffusers' tests/pipelines/stable_diffusion_3 get_dummy_components(): two
+    CLIP encoders with projection, optionally T5, a flow-matching scheduler. SD3 works without
+    its T5 encoder (text_encoder_3=None: zero embeddings in its place)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    hidden = 16
+    text = _text_config(hidden=hidden, layers=2, heads=2, ffn=32, projection_dim=hidden)
+    joint = 2 * hidden  # both CLIP encoders' hidden states side by side, or T5's d_model
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=joint,
+        caption_projection_dim=16,  # heads x head dim
+        pooled_projection_dim=2 * hidden,  # both CLIP encoders' pooled projections
+        pos_embed_max_size=32,  # 32 patches of 2 latents of 8 pixels: up to 512 pixels a side
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModelWithProjection(text)
+    torch.manual_seed(1)
+    text_encoder_2 = CLIPTextModelWithProjection(text)
+    tokenizer = _make_tokenizer(workdir)
+    return {
+        "transformer": transformer,
+        # Same settings as stabilityai/stable-diffusion-3-medium-diffusers' scheduler.
+        "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        "vae": _flow_vae(4),
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer,
+        "text_encoder_3": _t5_encoder(joint) if t5 else None,
+        "tokenizer_3": _make_t5_tokenizer() if t5 else None,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def _flux_components(workdir: Path) -> dict[str, Any]:
+    """Modelled on diffusers' tests/pipelines/flux get_dummy_components(): CLIP (pooled) and T5
+    (sequence) text encoders, a transformer with embedded (distilled) guidance like FLUX.1-dev,
+    latents packed 2x2 (sizes in multiples of 16 with the 8x VAE)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    hidden = 16
+    text = _text_config(hidden=hidden, layers=2, heads=2, ffn=32, projection_dim=hidden)
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels, packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5's d_model
+        pooled_projection_dim=hidden,  # CLIP's pooled output
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),  # sums to the head dim
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(text)
+    # Same settings as black-forest-labs/FLUX.1-dev's scheduler.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return {
+        "transformer": transformer,
+        "scheduler": scheduler,
+        "vae": _flow_vae(4),
+        "text_encoder": text_encoder,
+        "tokenizer": _make_tokenizer(workdir),
+        "text_encoder_2": _t5_encoder(32),
+        "tokenizer_2": _make_t5_tokenizer(),
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
 def _build_pipeline(size: str, workdir: Path) -> Any:
+    if size in ("sd3-tiny", "sd3-tiny-no-t5"):
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline(**_sd3_components(workdir, t5=size == "sd3-tiny"))
+    if size == "flux-tiny":
+        from diffusers import FluxPipeline
+
+        return FluxPipeline(**_flux_components(workdir))
     if size == "sdxl-tiny":
         from diffusers import StableDiffusionXLPipeline
 
@@ -303,12 +498,23 @@ def _make_readable(root: Path) -> None:
             os.chmod(os.path.join(dirpath, f), 0o644)
 
 
+#: The CLIP tokenizers of each size (the others' are SD's one); T5 ones are found by their class.
+_CLIP_TOKENIZERS = {
+    "sdxl-tiny": ("tokenizer", "tokenizer_2"),
+    "sd3-tiny": ("tokenizer", "tokenizer_2"),
+    "sd3-tiny-no-t5": ("tokenizer", "tokenizer_2"),
+}
+
+
 def _finish_tokenizers(tmp: Path, size: str) -> None:
-    names = ("tokenizer", "tokenizer_2") if size == "sdxl-tiny" else ("tokenizer",)
-    for name in names:
-        # transformers 5 saves only tokenizer.json; add vocab.json/merges.txt so that the
-        # slow CLIPTokenizer of transformers 4.x can load the folder too.
-        _write_vocab_files(tmp / name)
+    clip = _CLIP_TOKENIZERS.get(size, ("tokenizer",))
+    t5 = [p.parent.name for p in tmp.glob("tokenizer*/tokenizer_config.json")
+          if p.parent.name not in clip]  # fmt: skip
+    for name in (*clip, *t5):
+        if name in clip:
+            # transformers 5 saves only tokenizer.json; add vocab.json/merges.txt so that the
+            # slow CLIPTokenizer of transformers 4.x can load the folder too.
+            _write_vocab_files(tmp / name)
         # transformers 5 also records from_pretrained()'s own loading flags; drop them.
         cfg_path = tmp / name / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))

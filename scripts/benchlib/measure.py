@@ -215,12 +215,14 @@ class Bench:
         self.n = args.jobs or (6 if self.quick else 12)
         self.repeats = args.repeats or (3 if self.quick else 7)
         self.warmup = 1 if self.quick else 2
-        self.size, self.steps = 128, 20
+        self.size, self.steps = 128, args.steps or 20
         self.bulk_n = args.bulk_jobs or (1000 if self.quick else 10_000)
         self.bulk_repeats = 3
         self.latency_samples = 5 if self.quick else 9
         self.batch_repeats = 1 if self.quick else 3
-        self.batch_jobs = 16 if self.quick else 64  # compatible jobs queued at once, 64 px
+        self.batch_jobs = args.batch_jobs or (
+            16 if self.quick else 64
+        )  # compatible jobs queued at once, 64 px
         self.batch_sizes = BATCH_SIZES[:1] if self.quick else BATCH_SIZES
         self.run_dir = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
         self.procs: list[Proc] = []

@@ -69,9 +69,9 @@ def bad_queue() -> str:
 
 
 @pytest.fixture(scope="module")
-def bad_worker(start_worker, bad_queue: str) -> WorkerProcess:  # type: ignore[no-untyped-def]
+def bad_worker(module_workers, bad_queue: str) -> WorkerProcess:  # type: ignore[no-untyped-def]
     """A worker of this module's own, on its own queue."""
-    return start_worker("bad-input", queues=bad_queue, **WORKER_ENV)
+    return module_workers("bad-input", queues=bad_queue, **WORKER_ENV)
 
 
 def queue_client(fleet_env: dict, queue: str) -> Client:  # type: ignore[type-arg]

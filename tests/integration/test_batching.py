@@ -58,7 +58,9 @@ def test_compatible_jobs_are_batched_and_equal_the_bare_pipeline(
         bare = engine.generate_batch([by_id[i] for i in ids])
         for job_id, generated in zip(ids, bare, strict=True):
             spec = by_id[job_id]
-            expected = png_bytes(generated.images[0], image_recipe(spec, spec.seed, "tiny", None))
+            expected = png_bytes(
+                generated.images[0], image_recipe(spec, spec.seed, "tiny", None, "float32")
+            )
             assert store.get_bytes(contract.image_key(job_id, 0)) == expected
 
 
@@ -113,7 +115,9 @@ def test_overlapped_worker_generates_one_job_at_a_time_with_the_default_workers_
                                    local_files_only=True, torch_threads=1))  # fmt: skip
     for spec in specs:
         alone = engine.generate(spec)
-        expected = png_bytes(alone.images[0], image_recipe(spec, spec.seed, "tiny", None))
+        expected = png_bytes(
+            alone.images[0], image_recipe(spec, spec.seed, "tiny", None, "float32")
+        )
         assert store.get_bytes(contract.image_key(spec.job_id, 0)) == expected
 
 

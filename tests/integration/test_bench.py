@@ -27,6 +27,10 @@ RATIOS = (
 )
 
 
+#: the quick run with fewer jobs and steps: every phase and figure, in about half the time
+SMALL = ("--quick", "--jobs", "3", "--steps", "8", "--batch-jobs", "12")
+
+
 def run_bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """scripts/bench as users run it, without this shell's FLEET_* settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
@@ -42,10 +46,11 @@ def run_bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[s
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, float, Path]:  # type: ignore[type-arg]
-    """One quick run shared by the tests below (how long it took is returned, not checked)."""
+    """One quick run, made smaller still (the figures' values are not what is tested here), shared
+    by the tests below; how long it took is returned, not checked."""
     out = tmp_path_factory.mktemp("bench")
     began = time.monotonic()
-    proc = run_bench("--quick", "--out", str(out))
+    proc = run_bench(*SMALL, "--out", str(out))
     seconds = time.monotonic() - began
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = json.loads((out / "results.json").read_text())
@@ -99,7 +104,7 @@ def test_every_figure_is_measured_with_its_goal(bench_run) -> None:  # type: ign
     assert positive(lat["fleet_submit_to_started_ms"]) and positive(lat["trivial_round_trip_ms"])
 
     batching = figures["batching_gain"]
-    assert batching["jobs"] == res["settings"]["batching_jobs"] == 16
+    assert batching["jobs"] == res["settings"]["batching_jobs"] == 12
     assert positive(batching["on_images_per_s"]) and positive(batching["off_images_per_s"])
     for size in res["settings"]["batch_sizes"]:
         by_size = batching["by_batch_size"][str(size)]
@@ -118,7 +123,7 @@ def test_machine_versions_and_settings_are_recorded(bench_run) -> None:  # type:
     for name in ("torch", "diffusers", "celery", "kombu"):
         assert res["versions"][name] and res["versions"][name] != "not installed"
     settings = res["settings"]
-    assert (settings["size_px"], settings["steps"]) == (128, 20)
+    assert (settings["size_px"], settings["steps"]) == (128, 8)
     assert settings["model"].startswith("medium")
 
 

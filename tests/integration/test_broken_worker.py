@@ -24,7 +24,10 @@ def queued(qclient: Client, ids: list[str]) -> bool:
     return all(qclient.status(i).state == "queued" for i in ids)
 
 
-def _takes_no_job(start_worker, qclient: Client, queue: str, reason: str, **env: str) -> None:  # type: ignore[no-untyped-def]
+def _takes_no_job(start_worker, qclient: Client, queue: str, reason: str,  # type: ignore[no-untyped-def]
+                  then_healthy: bool = True, **env: str) -> None:  # fmt: skip
+    """A worker started with ``env`` takes none of 5 queued jobs and says ``reason``; then
+    (``then_healthy``) a healthy worker runs all 5."""
     jobs = qclient.submit_many([JobSpec(prompt=f"kept {i}", width=64, height=64, steps=2)
                                 for i in range(5)])  # fmt: skip
     ids = [h.job_id for h in jobs]
@@ -37,6 +40,9 @@ def _takes_no_job(start_worker, qclient: Client, queue: str, reason: str, **env:
     assert broken.proc.poll() is None
     assert qclient.stats()["queues"][queue] == 5 and queued(qclient, ids)
     assert "] received:" not in broken.log()
+    if not then_healthy:
+        broken.stop()
+        return
     healthy = start_worker("healthy", queues=queue)
     assert [s.state for s in qclient.wait(ids, timeout=120)] == ["succeeded"] * 5
     assert "] received:" not in broken.log()
@@ -240,21 +246,26 @@ def test_redis_that_may_evict_the_fleets_keys_is_refused_or_warned_about(
         services.stop()
 
 
-def test_a_gated_hub_model_without_a_token_takes_no_job_and_asks_for_one(
-    start_worker, qclient: Client, queue: str
+@pytest.mark.parametrize("token", [None, "hf_fleet-test-token-without-access"],
+                         ids=["no token", "a token without access"])  # fmt: skip
+def test_a_gated_hub_model_without_a_usable_token_takes_no_job_and_says_what_to_fix(
+    start_worker, qclient: Client, queue: str, token: str | None
 ) -> None:
-    """The hub answers 401 for a gated model without a token (here a local HTTP server that
-    answers as the hub does, at HF_ENDPOINT; the real huggingface_hub client asks it)."""
+    """The hub answers 401 for a gated model without a token and 403 for a token whose account
+    has no access (here a local HTTP server that answers as the hub does, at HF_ENDPOINT; the
+    real huggingface_hub client asks it). FLEET_HF_TOKEN reaches the hub as the bearer token."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    asked: list[str] = []
+    asked: list[tuple[str, str | None]] = []
 
     class GatedHub(BaseHTTPRequestHandler):
         def _gated(self) -> None:
-            asked.append(self.path)
+            sent = self.headers.get("Authorization")
+            asked.append((self.path, sent))
+            code = 403 if sent else 401
             body = b'{"error": "Access to model org/gated is restricted. You must have access."}'
-            self.send_response(401)
+            self.send_response(code)
             self.send_header("X-Error-Code", "GatedRepo")
             self.send_header("X-Error-Message", "Access to model org/gated is restricted.")
             self.send_header("Content-Type", "application/json")
@@ -270,10 +281,15 @@ def test_a_gated_hub_model_without_a_token_takes_no_job_and_asks_for_one(
 
     hub = ThreadingHTTPServer(("127.0.0.1", 0), GatedHub)
     threading.Thread(target=hub.serve_forever, daemon=True).start()
+    env = {"FLEET_MODEL": "org/gated", "FLEET_LOCAL_FILES_ONLY": "false", "HF_HUB_OFFLINE": "0",
+           "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_address[1]}"}  # fmt: skip
+    if token is not None:
+        env["FLEET_HF_TOKEN"] = token
     try:
-        _takes_no_job(start_worker, qclient, queue, "set HF_TOKEN",
-                      FLEET_MODEL="org/gated", FLEET_LOCAL_FILES_ONLY="false", HF_HUB_OFFLINE="0",
-                      HF_ENDPOINT=f"http://127.0.0.1:{hub.server_address[1]}")  # fmt: skip
+        reason = "the hub refused the token (403)" if token else "set HF_TOKEN"
+        # The jobs kept for a healthy worker: shown once, without a token.
+        _takes_no_job(start_worker, qclient, queue, reason, then_healthy=token is None, **env)
         assert asked, "the worker never asked the hub"
+        assert {sent for _, sent in asked} == {f"Bearer {token}" if token else None}
     finally:
         hub.shutdown()

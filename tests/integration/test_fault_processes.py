@@ -27,8 +27,10 @@ from tests import fault_tally
 from tests.fleet_fixtures import WorkerProcess, wait_until
 from tests.integration.test_reliability import (
     job,
+    last_received,
     pool_children,
     received,
+    wait_in_pipeline,
     worker_is_ready,
 )
 
@@ -49,13 +51,15 @@ def queued(client: Client, queue: str) -> int:
     return sum(int(client.redis.llen(k)) for k in contract.queue_keys(queue))
 
 
-def signal_pool_child_mid_job(w: WorkerProcess, seen: int, sig: signal.Signals) -> int:
-    """Wait for the next job start in the log, send ``sig`` to the pool child running it, wait
-    for its replacement; returns the signalled pid."""
+def signal_pool_child_mid_job(
+    w: WorkerProcess, client: Client, seen: int, sig: signal.Signals
+) -> int:
+    """Wait for the next job start in the log and its first denoising step, send ``sig`` to the
+    pool child running it, wait for its replacement; returns the signalled pid."""
     assert w.proc is not None
     proc = w.proc
     wait_until(lambda: received(w) > seen, 60, "a job starting")
-    time.sleep(0.1)  # inside the pipeline now
+    wait_in_pipeline(client, last_received(w))
     children = pool_children(proc.pid)
     assert len(children) == 1, children
     os.kill(children[0], sig)
@@ -86,7 +90,7 @@ def test_a_pool_child_sent_sigterm_or_sigquit_gives_its_job_back_and_loses_nothi
     message. Either way: a WorkerLostError, the job again, every job succeeds once."""
     w = start_worker(f"childterm{len(signals)}", queues=queue, FLEET_MAX_DELIVERIES="10")
     ids = [h.job_id for h in qclient.submit_many([job() for _ in range(len(signals) + 1)])]
-    signalled = [signal_pool_child_mid_job(w, received(w), sig) for sig in signals]
+    signalled = [signal_pool_child_mid_job(w, qclient, received(w), sig) for sig in signals]
     log = w.log()  # each "exited with" line is logged before the new child starts
     exits = [re.search(rf"pid:{pid} exited with '([^']+)'", log) for pid in signalled]
     statuses = [m.group(1) if m else None for m in exits]
@@ -118,7 +122,7 @@ def test_a_cold_shutdown_puts_the_running_and_the_queued_jobs_back_at_once(
     running = qclient.submit(job(steps=60))
     behind = [h.job_id for h in qclient.submit_many([job(steps=2) for _ in range(2)])]
     wait_until(lambda: received(w, running.job_id), 60, "the job running")
-    time.sleep(0.1)  # inside the pipeline now
+    wait_in_pipeline(qclient, running.job_id)
     os.kill(w.proc.pid, signal.SIGQUIT)
     stopped = time.monotonic()
     rc = w.proc.wait(60)

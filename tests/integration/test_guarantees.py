@@ -44,7 +44,7 @@ def test_a_job_without_id_and_seed_keeps_one_identity_across_deliveries(
     res = qclient.celery.send_task(contract.TASK_GENERATE, kwargs={"job": NO_ID_NO_SEED},
                                    queue=queue)  # fmt: skip
     for seen in range(2):
-        kill_pool_child_mid_job(w, seen)
+        kill_pool_child_mid_job(w, qclient, seen)
     result = _result(qclient, res.id)
     assert result.get("job_id") == res.id, result
     assert result["seed_derived"] is True

@@ -85,15 +85,16 @@ def test_no_queue_entry_can_stop_a_worker(start_worker, qclient: Client, queue: 
 def test_a_job_longer_than_the_visibility_timeout_is_delivered_once(
     start_worker, qclient: Client, queue: str
 ) -> None:
-    # Two workers on the queue, an 8 s visibility timeout and a job of about 20 s: without its
-    # lease the job would be handed to the second worker while the first still runs it.
-    a = start_worker("lease-a", queues=queue, **FAST_REDELIVERY)
-    b = start_worker("lease-b", queues=queue, **FAST_REDELIVERY)
-    long = qclient.submit(JobSpec(prompt="long", width=192, height=192, steps=150))
+    # Two workers on the queue, the shortest visibility timeout (4 s) and a job of about 9 s:
+    # without its lease the job would be handed to the second worker while the first runs it.
+    short_lease = {**FAST_REDELIVERY, "FLEET_VISIBILITY_TIMEOUT_S": "4"}
+    a = start_worker("lease-a", queues=queue, **short_lease)
+    b = start_worker("lease-b", queues=queue, **short_lease)
+    long = qclient.submit(JobSpec(prompt="long", width=128, height=128, steps=150))
     st = long.wait(timeout=180)
     assert st.state == "succeeded", st
     elapsed = st.result.timings["total_s"] if st.result else 0
-    assert elapsed > 8 * 1.5, f"the job took {elapsed:.1f} s: not longer than the timeout"
+    assert elapsed > 4 * 1.5, f"the job took {elapsed:.1f} s: not longer than the timeout"
     assert received(a, long.job_id) + received(b, long.job_id) == 1
     assert "TooManyDeliveries" not in a.log() + b.log()
 
@@ -103,7 +104,7 @@ def test_a_requeued_job_goes_back_to_the_front(start_worker, qclient: Client, qu
     assert qclient.submit(small("warm")).wait(timeout=90).state == "succeeded"
     first = qclient.submit(small("killed", steps=150))
     rest = qclient.submit_many([small(f"behind {i}", steps=10) for i in range(4)])
-    kill_pool_child_mid_job(w, 0, first.job_id)
+    kill_pool_child_mid_job(w, qclient, 0, first.job_id)
     ids = [first.job_id] + [h.job_id for h in rest]
     assert {s.state for s in qclient.wait(ids, timeout=180)} == {"succeeded"}
     # The killed job ran again before any job that was queued behind it.

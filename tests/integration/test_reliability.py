@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,10 +59,30 @@ def received(w: WorkerProcess, job_id: str | None = None) -> int:
     return sum(1 for ln in w.log().splitlines() if tag in ln and "] received:" in ln)
 
 
-def kill_pool_child_mid_job(w: WorkerProcess, seen: int, job_id: str | None = None) -> None:
-    """Wait for the next job start in the log, then SIGKILL the pool child running it."""
+_RECEIVED = re.compile(r"\[job=(\S+) .*\] received:")
+
+
+def last_received(w: WorkerProcess) -> str:
+    """The id of the job the worker's log says it received last."""
+    ids = _RECEIVED.findall(w.log())
+    assert ids, "no job received"
+    return str(ids[-1])
+
+
+def wait_in_pipeline(client: Client, job_id: str, timeout: float = 60) -> None:
+    """Poll the job's PROGRESS state until the worker reports a denoising step, then forget that
+    state: a job delivered again must report a step of its own run, not this one's."""
+    wait_until(lambda: (client.status(job_id).step or 0) >= 1, timeout, "a denoising step")
+    client.redis.delete(f"celery-task-meta-{job_id}")
+
+
+def kill_pool_child_mid_job(
+    w: WorkerProcess, client: Client, seen: int, job_id: str | None = None
+) -> None:
+    """Wait for the next job start in the log and its first denoising step, then SIGKILL the
+    pool child running it."""
     wait_until(lambda: received(w, job_id) > seen, 60, "a job starting")
-    time.sleep(0.1)  # inside the pipeline now
+    wait_in_pipeline(client, job_id or last_received(w))
     children = pool_children(w.proc.pid)
     assert children, "no pool child"
     os.kill(children[0], signal.SIGKILL)
@@ -90,7 +111,7 @@ def test_killed_pool_child_loses_and_duplicates_nothing(
     handles = qclient.submit_many([job() for _ in range(20)])
     ids = [h.job_id for h in handles]
     for _ in range(5):
-        kill_pool_child_mid_job(w, received(w))
+        kill_pool_child_mid_job(w, qclient, received(w))
     fig = fault_tally.tally("pool child SIGKILL", qclient, ids, lambda: [w.log()], kills=5)
     fault_tally.assert_clean(fig)
     for job_id in ids:
@@ -106,7 +127,7 @@ def test_a_job_that_kills_its_worker_every_time_ends_as_a_recorded_failure(
     w = start_worker("poison", queues=queue, FLEET_MAX_DELIVERIES="2", **FAST_REDELIVERY)
     handle = qclient.submit(job(steps=150))
     for attempt in range(2):
-        kill_pool_child_mid_job(w, attempt, handle.job_id)
+        kill_pool_child_mid_job(w, qclient, attempt, handle.job_id)
     st = handle.wait(timeout=60)
     assert st.state == "failed"
     assert "delivered 3 times and its worker died each time" in st.result.error
@@ -306,7 +327,7 @@ def test_redis_restart_mid_run_loses_no_acknowledged_job(tmp_path: Path, tiny_mo
         w.start()
         with Client(ProducerSettings(_env_file=None, **settings_kwargs(env))) as c:
             handles = c.submit_many([job(steps=20) for _ in range(10)])
-            time.sleep(1.0)
+            wait_until(lambda: received(w) >= 1, 60, "a job running")
             services.redis.restart()  # clean restart: AOF keeps every acknowledged job
             more = c.submit_many([job(steps=2) for _ in range(3)])  # the producer reconnects
             ids = [h.job_id for h in handles + more]

@@ -79,11 +79,11 @@ class HookedFleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(start_worker, fleet_env: dict) -> HookedFleet:
+def fleet(module_workers, fleet_env: dict) -> HookedFleet:
     queue = f"fleet.hooks-{uuid.uuid4().hex[:6]}"
     env = {"FLEET_WEBHOOK_SECRET": SECRET, "FLEET_WEBHOOK_ALLOW_PRIVATE": "true"}
-    gen = start_worker("gen-hooks", queues=queue, **env)
-    hooks = start_worker("hooks", queues=WEBHOOK_QUEUE, pool="threads", concurrency=4, **env)
+    gen = module_workers("gen-hooks", queues=queue, **env)
+    hooks = module_workers("hooks", queues=WEBHOOK_QUEUE, pool="threads", concurrency=4, **env)
     settings = ProducerSettings(_env_file=None, **settings_kwargs({**fleet_env, **env}))
     settings.queue = queue
     return HookedFleet(gen, hooks, settings)

@@ -136,6 +136,7 @@ def test_recipe_holds_only_deterministic_fields() -> None:
         "scheduler",
         "model",
         "revision",
+        "generator_device",
     }
 
 

@@ -212,11 +212,12 @@ def test_an_error_the_job_did_not_cause_is_the_workers_when_the_self_test_fails_
         assert not isinstance(deep.value, JobValidationError)
     finally:
         engine.pipe = real_pipe
-    # The pipeline's own input checks still blame the job, naming what it refused.
+    # The pipeline's own input checks still blame the job, naming what it refused: 66 passes
+    # the model's rules (a multiple of the tiny VAE's 2) but not SD's check_inputs (8).
     with pytest.raises(JobValidationError, match="the pipeline refused it"):
         engine.generate(validate_job({"prompt": "a fox", "width": 64, "height": 64, "steps": 3,
                                       "negative_prompt": "x"}).model_copy(
-                                          update={"width": 65}))  # fmt: skip
+                                          update={"width": 66}))  # fmt: skip
 
 
 def test_memory_is_released_after_a_soft_time_limit_too(engine: Engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -77,11 +77,52 @@ def test_offload_without_gpu_and_max_memory_without_balanced(
         Placement.from_settings(WorkerSettings(_env_file=None, max_memory="0=1GiB"))
 
 
-def test_generator_device_follows_placement() -> None:
-    assert Placement("cuda:0", torch.float16).generator_device == "cuda:0"
-    assert Placement("cpu", torch.float32).generator_device == "cpu"
-    assert Placement("cuda:0", torch.float16, mode="balanced").generator_device == "cpu"
-    assert Placement("cuda:0", torch.float16, offload="model").generator_device == "cpu"
+#: One placement of each kind. Balanced and offloading ones stand in on the CPU, as a pinned
+#: CUDA one does (its noise is drawn before anything touches the device).
+KINDS = {
+    "pinned cpu": Placement("cpu", torch.float32),
+    "pinned cuda": Placement("cuda:0", torch.float16),
+    "balanced": Placement("cuda:0", torch.float16, mode="balanced"),
+    "offload model": Placement("cpu", torch.float32, offload="model"),
+    "offload sequential": Placement("cpu", torch.float32, offload="sequential"),
+}
+
+
+def test_every_kind_of_worker_draws_a_seeds_noise_on_the_cpu() -> None:
+    for kind, placement in KINDS.items():
+        assert placement.generator_device() == "cpu", kind
+        assert placement.generator_device("cpu") == "cpu", kind
+
+
+def test_one_seed_gives_the_same_initial_latents_on_every_kind_of_worker() -> None:
+    """The latents diffusers' pipelines start from (randn_tensor, as prepare_latents calls it)
+    for the generators each kind of worker makes for the same seeds."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    shape = (2, 4, 8, 8)
+    latents = {
+        kind: randn_tensor(
+            shape,
+            generator=[torch.Generator(p.generator_device()).manual_seed(s) for s in (7, 8)],
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+        )
+        for kind, p in KINDS.items()
+    }
+    first = latents["pinned cpu"]
+    assert first.std() > 0.5  # noise, not zeros
+    for kind, lat in latents.items():
+        assert torch.equal(lat, first), kind
+
+
+def test_noise_on_cuda_is_taken_where_there_is_a_gpu_and_refused_elsewhere() -> None:
+    from fleet.errors import JobValidationError
+
+    assert KINDS["pinned cuda"].generator_device("cuda") == "cuda:0"
+    assert KINDS["balanced"].generator_device("cuda") == "cuda:0"
+    with pytest.raises(JobValidationError, match="generator_device") as err:
+        KINDS["pinned cpu"].generator_device("cuda")
+    assert "send it to a CUDA worker" in str(err.value)
 
 
 def test_pinned_cpu_placement_describes_itself() -> None:

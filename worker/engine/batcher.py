@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def batch_key(spec: JobSpec) -> tuple[object, ...]:
     """Jobs with equal keys can share one pipeline call."""
     return (spec.model, spec.width, spec.height, spec.steps, spec.guidance, spec.scheduler,
-            spec.images)  # fmt: skip
+            spec.images, spec.generator_device or "cpu")  # fmt: skip
 
 
 @dataclass

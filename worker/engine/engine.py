@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import math
 import platform
 import threading
 import time
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
-from fleet.contract import JobSpec
+from fleet.contract import JobSpec, ModelRules
 from fleet.errors import (
     DeviceOutOfMemory,
     FleetError,
@@ -27,6 +28,7 @@ from fleet.errors import (
 )
 from fleet.settings import WorkerSettings
 from worker.engine.placement import Placement
+from worker.engine.rules import model_rules
 from worker.engine.speed import apply_speed_settings
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,9 @@ class Generated:
     timings: dict[str, float] = field(default_factory=dict)
     #: The recipes generated in the same pipeline call (job ids and seeds), when batched.
     batch: list[dict[str, Any]] = field(default_factory=list)
+    #: Per image, whether the pipeline's safety checker flagged it (and blacked it out); None
+    #: when the pipeline has no checker.
+    nsfw: list[bool] | None = None
 
 
 class Engine:
@@ -103,6 +108,8 @@ class Engine:
         self._call_params: set[str] = set()
         self._base_scheduler_config: Any = None
         self.speed: dict[str, Any] = {}
+        #: What the loaded model can honour (derived at setup; published in describe()).
+        self.rules: ModelRules | None = None
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -122,6 +129,7 @@ class Engine:
                 placement.dtype_name,
             )
             pipe = placement.load(self.settings)
+            self.rules = model_rules(pipe, SCHEDULER_CLASSES)  # before compile wraps the denoiser
             self.speed = apply_speed_settings(pipe, self.settings, placement.device)
             self._call_params = set(inspect.signature(pipe.__call__).parameters)
             self._base_scheduler_config = pipe.scheduler.config
@@ -135,10 +143,10 @@ class Engine:
 
     def _warm_up(self) -> None:
         """One small generation so torch.compile compiles before the first job."""
-        from fleet.contract import JobSpec
-
-        side = 64 * int(getattr(self.pipe, "vae_scale_factor", 8) or 8) // 8
-        spec = JobSpec(prompt="warm-up", width=max(64, side), height=max(64, side), steps=2)
+        side = self._probe_side()
+        # Guidance above 1 (two passes a step with classifier-free guidance), as most jobs ask.
+        guidance = 1.0 if self.rules is not None and self.rules.guidance == "none" else 7.5
+        spec = JobSpec(prompt="warm-up", width=side, height=side, steps=2, guidance=guidance)
         started = time.perf_counter()
         self.pipe.scheduler = self.scheduler_for("default")
         with torch.inference_mode():
@@ -149,11 +157,17 @@ class Engine:
         """Generate one small image with two steps, as a job would; raises when the pipeline or
         its device cannot (parts that do not fit each other, a device in a failed state)."""
         self.setup()
-        side = max(64, 8 * int(getattr(self.pipe, "vae_scale_factor", 8) or 8))
+        side = self._probe_side()
         spec = JobSpec(prompt="self-test", width=side, height=side, steps=2, guidance=1.0)
         with self._calls, torch.inference_mode():
             self.pipe.scheduler = self.scheduler_for("default")
             self.pipe(**self.batch_kwargs([spec]))
+
+    def _probe_side(self) -> int:
+        """The side of the warm-up and self-test images: small, and one the model takes."""
+        side = max(64, 8 * int(getattr(self.pipe, "vae_scale_factor", 8) or 8))
+        multiple = math.lcm(8, self.rules.side_multiple if self.rules is not None else 8)
+        return -(-side // multiple) * multiple
 
     def describe(self) -> dict[str, Any]:
         """What this worker is: host, device, dtype, versions (for manifests and status)."""
@@ -172,6 +186,7 @@ class Engine:
             "torch_threads": torch.get_num_threads(),
             "load_seconds": self.load_seconds,
             "speed": self.speed,
+            "rules": self.rules.model_dump(mode="json") if self.rules is not None else None,
         }
         if self.placement is not None:
             info.update(self.placement.describe())
@@ -200,6 +215,8 @@ class Engine:
         except (SoftTimeLimitExceeded, JobCancelled):
             self.release_memory()  # the interrupted call's activations stay cached otherwise
             raise  # recorded as a timeout / a cancellation by the caller
+        except JobValidationError:
+            raise  # refused before the call (a field this worker cannot honour): the job's
         except torch.cuda.OutOfMemoryError as exc:
             self.release_memory()
             if out_of_host_memory(exc):
@@ -221,6 +238,9 @@ class Engine:
         images = list(out.images)
         per_job = specs[0].images
         total = per_job * len(specs)
+        # StableDiffusionSafetyChecker's verdicts, one per image (None without a checker).
+        flags = getattr(out, "nsfw_content_detected", None)
+        nsfw = [bool(f) for f in flags] if flags is not None else None
         return [
             Generated(
                 images=images[i * per_job : (i + 1) * per_job],
@@ -230,6 +250,7 @@ class Engine:
                     "per_image_s": elapsed / total,
                     "batch_jobs": float(len(specs)),
                 },
+                nsfw=nsfw[i * per_job : (i + 1) * per_job] if nsfw is not None else None,
             )
             for i, spec in enumerate(specs)
         ]
@@ -287,11 +308,17 @@ class Engine:
     ) -> dict[str, Any]:
         """The pipeline call for compatible jobs, keeping only the arguments this pipeline
         accepts. Images come back job by job (diffusers repeats each prompt's embeddings
-        ``num_images_per_prompt`` times), matching the order of the generators."""
+        ``num_images_per_prompt`` times), matching the order of the generators.
+
+        A job with a field the model cannot honour (its rules: a scheduler that does not fit a
+        flow-matching model, a size it would resize, a negative prompt it would ignore) is
+        refused with JobValidationError naming the field, before anything runs."""
         assert self.placement is not None
+        if self.rules is not None:
+            for spec in specs:
+                self.rules.check(spec)
         first = specs[0]
         self.pipe.scheduler = self.scheduler_for(first.scheduler)
-        gen_device = self.placement.generator_device
         negatives = [s.negative_prompt for s in specs]
         wanted: dict[str, Any] = {
             "prompt": first.prompt if len(specs) == 1 else [s.prompt for s in specs],
@@ -305,8 +332,14 @@ class Engine:
             "num_inference_steps": first.steps,
             "guidance_scale": first.guidance,
             "num_images_per_prompt": first.images,
+            # SD3 and Flux: the text tokens of their T5 encoder (the rules say how many).
+            "max_sequence_length": self.rules.max_sequence_length if self.rules else None,
             "generator": [
-                torch.Generator(gen_device).manual_seed(seed) for s in specs for seed in s.seeds()
+                torch.Generator(self.placement.generator_device(s.generator_device)).manual_seed(
+                    seed
+                )
+                for s in specs
+                for seed in s.seeds()
             ],
             "output_type": "pil",
         }
@@ -325,9 +358,43 @@ class Engine:
         return {k: v for k, v in wanted.items() if k in accepted and v is not None}
 
     def scheduler_for(self, name: str) -> Any:
-        """A fresh scheduler per job, so no state leaks from one job into the next."""
+        """A fresh scheduler per job, so no state leaks from one job into the next. A scheduler
+        the model's own does not fit (rules.schedulers) is refused, naming ``scheduler``."""
         if name == "default":
             return type(self._base_scheduler).from_config(self._base_scheduler_config)
+        if self.rules is not None and name not in self.rules.schedulers:
+            problems = self.rules.problems(JobSpec(prompt="-", scheduler=name))
+            raise JobValidationError([p for p in problems if p[0] == "scheduler"])
         class_name, overrides = SCHEDULER_CLASSES[name]
         cls = getattr(importlib.import_module("diffusers"), class_name)
         return cls.from_config(self._base_scheduler_config, **overrides)
+
+    # -- what the text encoders read -------------------------------------------------------------
+
+    @property
+    def has_safety_checker(self) -> bool:
+        return getattr(self.pipe, "safety_checker", None) is not None
+
+    def prompt_tokens(self, spec: JobSpec) -> dict[str, Any]:
+        """How many tokens the prompt (and negative prompt) has for each tokenizer of the
+        pipeline, against what its text encoder reads: CLIP reads 77, T5 the
+        ``max_sequence_length`` the worker calls with. diffusers cuts the rest off with only a
+        log warning, so ``truncated`` says whether any encoder saw less than the whole prompt."""
+        self.setup()
+        t5_limit = self.rules.max_sequence_length if self.rules else None  # what the call uses
+        encoders: dict[str, Any] = {}
+        truncated = False
+        texts = {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt}
+        for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            tok = getattr(self.pipe, name, None)
+            if tok is None:
+                continue
+            is_t5 = type(tok).__name__.startswith("T5")
+            limit = int(t5_limit or 0) if is_t5 else 0
+            limit = limit or int(getattr(tok, "model_max_length", 0) or 0)
+            counts = {k: len(tok(v, truncation=False)["input_ids"]) for k, v in texts.items() if v}
+            cut = any(n > limit for n in counts.values()) if limit else False
+            truncated = truncated or cut
+            encoders[name] = {"class": type(tok).__name__, "limit": limit, **counts,
+                              "truncated": cut}  # fmt: skip
+        return {"truncated": truncated, "tokenizers": encoders}

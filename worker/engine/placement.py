@@ -12,7 +12,7 @@ import torch
 from accelerate.hooks import ModelHook
 from accelerate.utils import find_device, send_to_device
 
-from fleet.errors import ConfigurationError, ModelLoadError
+from fleet.errors import ConfigurationError, JobValidationError, ModelLoadError
 
 if TYPE_CHECKING:
     from fleet.settings import WorkerSettings
@@ -171,13 +171,19 @@ class Placement:
             info=device_info(device),
         )
 
-    @property
-    def generator_device(self) -> str:
-        """Pinned CUDA workers seed on the GPU; offloaded or balanced ones on the CPU, since
-        their components move between devices (diffusers moves CPU noise where it is needed)."""
-        if self.mode == "pinned" and self.offload == "none" and self.device.startswith("cuda"):
+    def generator_device(self, requested: str | None = None) -> str:
+        """Where a job's noise is drawn: on the CPU, so that a seed gives the same initial
+        latents on pinned, balanced and offloading workers (diffusers moves CPU noise to the
+        device). A job may ask for ``cuda``: a recipe made by a pinned CUDA worker before
+        seeding moved to the CPU, replayed; a worker without a CUDA device refuses it."""
+        if requested in (None, "cpu"):
+            return "cpu"
+        if requested == "cuda" and self.device.startswith("cuda"):
             return self.device
-        return "cpu"
+        raise JobValidationError([("generator_device", requested,
+            f"this worker ({self.device}) cannot draw noise on {requested!r}: the recipe's "
+            "noise came from a CUDA GPU; send it to a CUDA worker, or leave generator_device "
+            "out to draw it on the CPU (other pixels)")])  # fmt: skip
 
     @property
     def dtype_name(self) -> str:
@@ -185,6 +191,7 @@ class Placement:
 
     def load(self, settings: WorkerSettings) -> Any:
         """Load the configured pipeline and move it to this placement's device."""
+        import diffusers
         from diffusers import DiffusionPipeline
 
         if not settings.model:
@@ -196,13 +203,30 @@ class Placement:
             extra["device_map"] = "balanced"
             if self.max_memory:
                 extra["max_memory"] = self.max_memory
+        where: dict[str, Any] = {
+            "revision": settings.model_revision,
+            "local_files_only": settings.local_files_only,
+            "token": settings.hf_token.get_secret_value() if settings.hf_token else None,
+        }
         try:
+            # A required component saved as null (SD3 without its T5 encoder: text_encoder_3 and
+            # tokenizer_3 null in model_index.json) is passed as None; from_pretrained refuses
+            # the folder otherwise ("expected [...] but only {...} were passed").
+            index = DiffusionPipeline.load_config(settings.model, **where)
+            cls = getattr(diffusers, str(index.get("_class_name")), None)
+            optional = set(getattr(cls, "_optional_components", None) or ())
+            nulls: dict[str, Any] = {
+                name: None
+                for name, value in index.items()
+                if not name.startswith("_") and name not in optional
+                and isinstance(value, list | tuple) and list(value) == [None, None]
+            }  # fmt: skip
             pipe = DiffusionPipeline.from_pretrained(
                 settings.model,
-                revision=settings.model_revision,
+                **where,
                 **dtype_kwarg(self.dtype),
                 use_safetensors=True,
-                local_files_only=settings.local_files_only,
+                **nulls,
                 **extra,
             )
         except Exception as exc:
@@ -245,7 +269,7 @@ class Placement:
             "offload": self.offload,
             "max_memory": {str(k): v for k, v in (self.max_memory or {}).items()} or None,
             "hf_device_map": self.hf_device_map,
-            "generator_device": self.generator_device,
+            "generator_device": self.generator_device(),
         }
 
 

@@ -14,19 +14,29 @@ from fleet.contract import SCHEMA_VERSION, JobSpec
 
 #: The PNG tEXt key that holds the recipe as JSON.
 PNG_RECIPE_KEY = "fleet:recipe"
+#: The PNG tEXt key with the safety checker's verdict ({"nsfw": true}), when there is one.
+PNG_SAFETY_KEY = "fleet:safety"
 
 
-def image_recipe(spec: JobSpec, seed: int, model: str, revision: str | None) -> dict:
-    """Deterministic fields only (no job id, host or time): the same recipe gives the same bytes."""
+def image_recipe(
+    spec: JobSpec, seed: int, model: str, revision: str | None, dtype: str | None = None
+) -> dict:
+    """Deterministic fields only (no job id, host or time): the same recipe gives the same bytes.
+    ``dtype`` is the worker's (float16, bfloat16, float32): other pixels in another."""
     recipe = spec.recipe(model, revision)
     recipe["seed"] = seed
+    if dtype is not None:
+        recipe["dtype"] = dtype
     return recipe
 
 
-def png_bytes(image: Image.Image, recipe: dict[str, Any]) -> bytes:
-    """Encode ``image`` as PNG with the recipe in a text chunk (no timestamps, so bytes repeat)."""
+def png_bytes(image: Image.Image, recipe: dict[str, Any], nsfw: bool | None = None) -> bytes:
+    """Encode ``image`` as PNG with the recipe in a text chunk (no timestamps, so bytes repeat),
+    and the safety checker's verdict in another when the pipeline has a checker."""
     info = PngInfo()
     info.add_text(PNG_RECIPE_KEY, json.dumps(recipe, sort_keys=True, ensure_ascii=False))
+    if nsfw is not None:
+        info.add_text(PNG_SAFETY_KEY, json.dumps({"nsfw": nsfw}))
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
@@ -39,6 +49,13 @@ def read_png_recipe(data: bytes) -> dict[str, Any]:
     if text is None:
         raise ValueError("this PNG carries no diffusion-fleet recipe")
     return dict(json.loads(text))
+
+
+def read_png_nsfw(data: bytes) -> bool | None:
+    """The safety checker's verdict stored in a PNG made by the fleet (None: no checker)."""
+    with Image.open(io.BytesIO(data)) as img:
+        text = img.text.get(PNG_SAFETY_KEY)  # type: ignore[attr-defined]
+    return bool(json.loads(text)["nsfw"]) if text is not None else None
 
 
 def build_manifest(
@@ -65,6 +82,8 @@ def build_manifest(
         "steps": spec.steps,
         "guidance": spec.guidance,
         "scheduler": spec.scheduler,
+        "generator_device": spec.generator_device or "cpu",
+        "dtype": worker.get("dtype"),
         "model": worker.get("model_name") or spec.model,
         "model_source": worker.get("model"),
         "revision": worker.get("revision"),
@@ -85,7 +104,7 @@ def build_manifest(
                 "model revision",
             ],
             "device_type": worker.get("device_type"),
-            "generator_device": worker.get("generator_device"),
+            "generator_device": spec.generator_device or "cpu",
             "torch_threads": worker.get("torch_threads"),
             "batch": spec.images,
         },

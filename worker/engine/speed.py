@@ -25,14 +25,8 @@ def apply_speed_settings(pipe: Any, settings: WorkerSettings, device: str) -> di
     """Apply the speed settings; returns what was applied (recorded in manifests)."""
     applied: dict[str, Any] = {}
     net = denoiser(pipe)
-    if settings.attention == "sdpa" and net is not None and hasattr(net, "set_attn_processor"):
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        try:
-            net.set_attn_processor(AttnProcessor2_0())
-            applied["attention"] = "sdpa"
-        except (ValueError, TypeError) as exc:  # e.g. a transformer with its own processors
-            log.info("keeping the model's attention processors: %s", exc)
+    if settings.attention == "sdpa" and net is not None:
+        applied.update(_sdpa_attention(pipe, net))
     if settings.channels_last:
         for name in ("unet", "vae"):
             module = getattr(pipe, name, None)
@@ -60,3 +54,25 @@ def apply_speed_settings(pipe: Any, settings: WorkerSettings, device: str) -> di
             pipe.transformer = compiled
         applied["compile"] = settings.compile_backend
     return applied
+
+
+def _sdpa_attention(pipe: Any, net: Any) -> dict[str, Any]:
+    """FLEET_ATTENTION=sdpa: PyTorch's scaled_dot_product_attention (AttnProcessor2_0) in a
+    UNet's attention layers. Only a UNet's: AttnProcessor2_0 is the UNet's processor, and a
+    transformer's own processors (SD3's JointAttnProcessor2_0, Flux's FluxAttnProcessor) do what
+    it cannot (joint text-image attention, rotary embeddings); they call SDPA already on
+    torch >= 2. Swapping them in makes Flux fail and SD3 generate other images."""
+    kept = sorted({type(p).__name__ for p in getattr(net, "attn_processors", {}).values()})
+    is_unet = net is getattr(pipe, "unet", None)
+    if not is_unet or not hasattr(net, "set_attn_processor"):
+        log.info("FLEET_ATTENTION=sdpa applies to UNets; %s keeps its attention processors "
+                 "(%s)", type(net).__name__, ", ".join(kept) or "none")  # fmt: skip
+        return {"attention": "not applied", "attention_processors": kept}
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    try:
+        net.set_attn_processor(AttnProcessor2_0())
+    except (ValueError, TypeError) as exc:  # e.g. a UNet with processors of its own kind
+        log.info("keeping the model's attention processors: %s", exc)
+        return {"attention": "not applied", "attention_processors": kept}
+    return {"attention": "sdpa"}

@@ -114,6 +114,9 @@ def check_readiness(
 def _load_hint(exc: BaseException) -> str:
     """What to fix when the model does not load: a gated or private hub model wants a token."""
     text = f"{type(exc).__name__} {exc}"
+    if "403" in text:
+        return ("the hub refused the token (403): give HF_TOKEN a token of an account that "
+                "accepted the model's license on the hub, with read access")  # fmt: skip
     if "GatedRepo" in text or "401" in text or "gated" in text.lower():
         return "a gated or private hub model: set HF_TOKEN to a token with access to it"
     return "fix FLEET_MODEL, or the hub token and network"
