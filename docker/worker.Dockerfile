@@ -1,4 +1,5 @@
-# The fleet's worker image: the project with its worker extra and a pinned torch build.
+# The fleet's worker image: the project with its worker extra and a pinned torch build, every
+# other dependency at the version of the lockfile requirements/worker.txt (scripts/lock).
 #
 #   docker build -f docker/worker.Dockerfile -t diffusion-fleet-worker .
 #
@@ -30,15 +31,24 @@ ENV PYTHONUNBUFFERED=1 \
     FLEET_SPOOL_DIR=/spool
 
 # torch first, in a layer of its own: it is the big one, and pinning it here means the
-# project's unpinned `torch>=...` can never pull another build.
+# project's unpinned `torch>=...` can never pull another build. It comes with its own
+# dependencies (for the CUDA build its nvidia-* libraries and triton); the lockfile has none.
 RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 
 WORKDIR /app
+# Then every other dependency at the lockfile's versions, the ones CI tests (scripts/lock writes
+# requirements/worker.txt; --no-deps: nothing is resolved here). Before the sources, so a code
+# change does not reinstall them.
+COPY requirements/worker.txt ./requirements/
+RUN pip install --no-deps -r requirements/worker.txt
+
 COPY pyproject.toml README.md ./
 # The worker needs the shared core and itself; the producer's clients stay out of the image.
 COPY fleet ./fleet
 COPY worker ./worker
-RUN pip install ".[worker]" "$TORCH_SPEC" \
+# The project itself, --no-deps as well; `pip check` proves torch, the pins and the project fit.
+RUN pip install --no-deps . \
+    && pip check \
     && python -c "import worker.app, worker.tasks, worker.runtime"
 
 # A non-root user owns the model cache and the spool; named volumes mounted there start with

@@ -328,7 +328,8 @@ def test_dockerfile_installs_the_worker_as_a_non_root_user() -> None:
     text = DOCKERFILE.read_text()
     assert re.search(r"^ARG BASE_IMAGE=python:3\.1\d-slim$", text, re.M)
     assert re.search(r"^ARG TORCH_SPEC=torch==\d", text, re.M)
-    assert 'pip install ".[worker]" "$TORCH_SPEC"' in text
+    # torch, then the lockfile's pins, then the project (tests/integration/test_packaging.py)
+    assert "pip install --no-deps -r requirements/worker.txt" in text
     assert "HF_HOME=/cache/huggingface" in text
     users = re.findall(r"^USER (\S+)$", text, re.M)
     assert users and users[-1] not in {"root", "0"}
