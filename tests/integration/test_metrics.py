@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -14,7 +16,7 @@ import pytest
 from fleet.contract import JobSpec
 from fleet.settings import ProducerSettings
 from producer.client import Client
-from tests.fleet_fixtures import WorkerProcess, settings_kwargs, wait_until
+from tests.fleet_fixtures import REPO, WorkerProcess, settings_kwargs, wait_until, worker_command
 
 pytestmark = pytest.mark.integration
 
@@ -59,12 +61,12 @@ def metrics_env(port: int, folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def metrics_worker(
-    start_worker, tmp_path_factory: pytest.TempPathFactory
+    module_workers, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[WorkerProcess, int, str]:
     """A worker on a queue of its own, serving its metrics: (worker, port, queue)."""
     queue = f"fleet.metrics-{uuid.uuid4().hex[:6]}"
     port = free_port()
-    w = start_worker("metrics", queues=queue,
+    w = module_workers("metrics", queues=queue,
                      **metrics_env(port, tmp_path_factory.mktemp("prom")))  # fmt: skip
     return w, port, queue
 
@@ -138,3 +140,78 @@ def test_a_broken_worker_says_why_and_how_long_its_jobs_wait(
         assert asked - after - 0.01 <= age <= answered - before + 0.01
     finally:
         broken.stop()  # `worker check` of this host would (rightly) report it to later tests
+
+
+SUCCEEDED = 'fleet_jobs_total{outcome="succeeded"}'
+
+
+def sample(text: str, name: str) -> float | None:
+    try:
+        return metric(text, name)
+    except AssertionError:
+        return None
+
+
+def submit_one(fleet_env: dict, queue: str, prompt: str) -> None:
+    settings = ProducerSettings(_env_file=None, **settings_kwargs(fleet_env))
+    settings.queue = queue
+    with Client(settings) as c:
+        handle = c.submit(JobSpec(prompt=prompt, width=64, height=64, steps=2))
+        assert handle.wait(timeout=60).state == "succeeded"
+
+
+class WorkerIn(WorkerProcess):
+    """A real worker started in a folder of the test's own (where its .env is)."""
+
+    def __init__(self, cwd: Path, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.cwd = cwd
+
+    def start(self, timeout: float = 90.0) -> WorkerIn:
+        log = self.log_path.open("ab")
+        # This checkout's packages, also where the project is installed from another folder.
+        path = os.pathsep.join(p for p in (str(REPO), self.env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen(worker_command(self.node, self.queues), cwd=self.cwd,
+                                     env={**self.env, "PYTHONPATH": path}, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self.wait_ready(timeout)
+        return self
+
+
+def test_a_worker_sharing_the_metrics_folder_wipes_nothing_and_its_dotenv_port_counts(
+    metrics_worker: tuple[WorkerProcess, int, str], fleet_env: dict, tmp_path: Path
+) -> None:
+    """A second worker is given the first one's PROMETHEUS_MULTIPROC_DIR (a host's workers may
+    share one) and its FLEET_METRICS_PORT only in its .env: its start deletes none of the first
+    worker's files (it used to wipe the folder), each serves only its own counts, and the
+    second's pool child counts its jobs (it used to look for the port in the environment)."""
+    first, port, queue = metrics_worker
+    folder = Path(first.env["PROMETHEUS_MULTIPROC_DIR"])
+    (folder / "not-a-worker.txt").write_text("kept")
+    before = sample(scrape(port), SUCCEEDED) or 0.0
+    submit_one(fleet_env, queue, "counted before the second worker")
+    wait_until(lambda: sample(scrape(port), SUCCEEDED) == before + 1, 30, "the job counted")
+
+    second_port = free_port()
+    (tmp_path / ".env").write_text(f"FLEET_METRICS_PORT={second_port}\n")
+    second_queue = f"fleet.metrics2-{uuid.uuid4().hex[:6]}"
+    env = {k: v for k, v in fleet_env.items() if k != "FLEET_METRICS_PORT"}
+    env.update(FLEET_METRICS_ADDR="127.0.0.1", PROMETHEUS_MULTIPROC_DIR=str(folder))
+    second = WorkerIn(tmp_path, f"metrics2-{uuid.uuid4().hex[:6]}@localhost", env,
+                      tmp_path / "worker.log", queues=second_queue)  # fmt: skip
+    try:
+        second.start()
+        wait_until(lambda: "fleet_worker_consuming" in scrape(second_port), 60,
+                   "the second worker serving on the port of its .env")  # fmt: skip
+        assert sample(scrape(port), SUCCEEDED) == before + 1, "the first worker's counts wiped"
+        assert (folder / "not-a-worker.txt").read_text() == "kept"
+        own = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        assert len(own) == 2 and all(name.startswith("fleet-worker-") for name in own), own
+
+        submit_one(fleet_env, second_queue, "counted from .env")
+        wait_until(lambda: sample(scrape(second_port), SUCCEEDED) == 1.0, 30,
+                   "the second worker's pool child counting its job")  # fmt: skip
+        assert metric(scrape(second_port), 'fleet_images_total{model="tiny"}') == 1.0
+        assert sample(scrape(port), SUCCEEDED) == before + 1  # not the first's job
+    finally:
+        second.stop()

@@ -47,7 +47,7 @@ def test_launcher_plans_one_pinned_worker_per_gpu_and_batch_workers() -> None:
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    slots = plan(p.parse_args(["--gpus", "1,3"]), gpus=[0, 1, 2, 3])
+    slots = plan(p.parse_args(["--gpus", "1,3"]), gpus=[0, 1, 2, 3], env={})
     assert [s.name for s in slots] == ["gpu1", "gpu3"]
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["1", "3"]
     assert "gpu3@%h" in slots[1].argv and "prefork" in slots[1].argv

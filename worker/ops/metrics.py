@@ -2,13 +2,17 @@
 reason, model load time, device memory.
 
 The pool child records them; the worker's main process serves them on FLEET_METRICS_PORT, in
-prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set before the pool forks).
+prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set before the pool forks to a
+folder the worker makes for itself: workers of one host may share the parent folder, and each
+serves its own metrics on its own port; ``python -m worker launch`` gives worker i the port
+FLEET_METRICS_PORT + i).
 The alert signals (``worker.ops.alerts``, docs/alerts.md) are computed at scrape time, in the
 main process, by a collector of the same registry.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
@@ -22,16 +26,50 @@ log = logging.getLogger(__name__)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
+#: Set to the folder a worker made for itself; its pool children inherit both variables.
+OWN_DIR_ENV = "FLEET_METRICS_OWN_DIR"
+OWN_DIR_PREFIX = "fleet-worker-"
+
+
 def prepare_multiprocess_dir() -> str:
-    """Set PROMETHEUS_MULTIPROC_DIR (a fresh folder) before prometheus_client is imported."""
-    path = os.environ.get(MULTIPROC_ENV)
-    if not path:
-        path = tempfile.mkdtemp(prefix="fleet-metrics-")
-        os.environ[MULTIPROC_ENV] = path
-    else:
-        shutil.rmtree(path, ignore_errors=True)
-        os.makedirs(path, exist_ok=True)
+    """Give this worker a fresh multiprocess folder of its own, before prometheus_client is
+    imported, and point PROMETHEUS_MULTIPROC_DIR at it.
+
+    The folder is made new (``fleet-worker-<pid>-*``) inside PROMETHEUS_MULTIPROC_DIR when that
+    is set, else in the temporary directory, and removed when this process exits. Nothing else
+    is ever deleted: several workers of a host may be given the same PROMETHEUS_MULTIPROC_DIR,
+    and each serves only its own processes' files on its own port. A process that inherited a
+    worker's own folder (its pool child) keeps it.
+    """
+    parent = os.environ.get(MULTIPROC_ENV)
+    if parent and os.environ.get(OWN_DIR_ENV) == parent and os.path.isdir(parent):
+        return parent
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    path = tempfile.mkdtemp(prefix=f"{OWN_DIR_PREFIX}{os.getpid()}-", dir=parent or None)
+    os.environ[MULTIPROC_ENV] = path
+    os.environ[OWN_DIR_ENV] = path
+    atexit.register(_remove_own_dir, path, os.getpid())
     return path
+
+
+def _remove_own_dir(path: str, owner: int) -> None:
+    if os.getpid() == owner:  # not in a forked child that runs atexit handlers
+        shutil.rmtree(path, ignore_errors=True)
+
+
+_enabled: bool | None = None
+
+
+def metrics_enabled() -> bool:
+    """Whether this process records metrics: FLEET_METRICS_PORT is set (environment or .env,
+    like every setting) and the worker prepared its multiprocess folder."""
+    global _enabled
+    if _enabled is None:
+        from fleet.settings import WorkerSettings
+
+        _enabled = bool(os.environ.get(MULTIPROC_ENV)) and WorkerSettings().metrics_port is not None
+    return _enabled
 
 
 def serve(port: int, redis_url: str | None = None) -> None:
@@ -110,7 +148,7 @@ _metrics: Metrics | None = None
 def get_metrics() -> Metrics | None:
     """The metrics of this process, or None when FLEET_METRICS_PORT is not set."""
     global _metrics
-    if not os.environ.get(MULTIPROC_ENV) or not os.environ.get("FLEET_METRICS_PORT"):
+    if not metrics_enabled():
         return None
     if _metrics is None:
         _metrics = Metrics()
