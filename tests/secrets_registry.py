@@ -88,8 +88,13 @@ SECRETS: tuple[Secret, ...] = (
         from_env("FLEET_WEBHOOK_SECRET"),
         provide=("FLEET_WEBHOOK_SECRET", _fresh("whsec-")),
     ),
-    # The worker hands HF_TOKEN to huggingface_hub for gated models (docs/operations.md).
-    Secret("model hub token", from_env("HF_TOKEN"), provide=("HF_TOKEN", _fresh("hf_"))),
+    # The worker reads HF_TOKEN (or FLEET_HF_TOKEN) as a setting and hands it to
+    # from_pretrained for gated models (docs/operations.md).
+    Secret(
+        "model hub token",
+        from_env("HF_TOKEN", "FLEET_HF_TOKEN"),
+        provide=("HF_TOKEN", _fresh("hf_")),
+    ),
 )
 
 
