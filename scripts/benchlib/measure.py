@@ -563,7 +563,8 @@ class Bench:
             soft, hard = contract.time_limits(
                 s, settings.job_time_base_s, settings.job_time_per_mpx_step_s
             )
-            job = s.model_dump(mode="json")
+            payload = getattr(contract, "job_payload", None)  # what Client._enqueue sends
+            job = payload(s) if payload else s.model_dump(mode="json")
             if stamp:
                 job["submitted_at"] = time.time()
             c.celery.send_task(
