@@ -264,10 +264,10 @@ def test_a_gated_hub_model_without_a_usable_token_takes_no_job_and_says_what_to_
             sent = self.headers.get("Authorization")
             asked.append((self.path, sent))
             code = 403 if sent else 401
-            body = b'{"error": "Access to model org/gated is restricted. You must have access."}'
+            body = b'{"error": "Access to model org/sd3 is restricted. You must have access."}'
             self.send_response(code)
             self.send_header("X-Error-Code", "GatedRepo")
-            self.send_header("X-Error-Message", "Access to model org/gated is restricted.")
+            self.send_header("X-Error-Message", "Access to model org/sd3 is restricted.")
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -281,7 +281,7 @@ def test_a_gated_hub_model_without_a_usable_token_takes_no_job_and_says_what_to_
 
     hub = ThreadingHTTPServer(("127.0.0.1", 0), GatedHub)
     threading.Thread(target=hub.serve_forever, daemon=True).start()
-    env = {"FLEET_MODEL": "org/gated", "FLEET_LOCAL_FILES_ONLY": "false", "HF_HUB_OFFLINE": "0",
+    env = {"FLEET_MODEL": "org/sd3", "FLEET_LOCAL_FILES_ONLY": "false", "HF_HUB_OFFLINE": "0",
            "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_address[1]}"}  # fmt: skip
     if token is not None:
         env["FLEET_HF_TOKEN"] = token

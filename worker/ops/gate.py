@@ -111,13 +111,31 @@ def check_readiness(
     return READY
 
 
+def _causes(exc: BaseException) -> list[BaseException]:
+    """The error and the ones it was raised from or during (diffusers turns the hub's
+    ``GatedRepoError`` into a plain ``OSError`` raised while handling it)."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and seen not in chain and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return chain
+
+
 def _load_hint(exc: BaseException) -> str:
-    """What to fix when the model does not load: a gated or private hub model wants a token."""
-    text = f"{type(exc).__name__} {exc}"
-    if "403" in text:
+    """What to fix when the model does not load: a gated or private hub model wants a token,
+    and a 403 means the token has no access to it."""
+    statuses = set()
+    text = ""
+    for cause in _causes(exc):
+        text += f" {type(cause).__name__} {cause}"
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if isinstance(status, int):
+            statuses.add(status)
+    if 403 in statuses:
         return ("the hub refused the token (403): give HF_TOKEN a token of an account that "
                 "accepted the model's license on the hub, with read access")  # fmt: skip
-    if "GatedRepo" in text or "401" in text or "gated" in text.lower():
+    if 401 in statuses or "GatedRepo" in text:
         return "a gated or private hub model: set HF_TOKEN to a token with access to it"
     return "fix FLEET_MODEL, or the hub token and network"
 
