@@ -103,22 +103,23 @@ def objects_of(store, job_id: str) -> list[str]:  # type: ignore[no-untyped-def]
     return sorted(store.list_keys(contract.job_prefix(job_id)))
 
 
+@pytest.mark.parametrize("kills", fault_tally.cases(ci=[3], soak_only=[5]))
 def test_killed_pool_child_loses_and_duplicates_nothing(
-    start_worker, qclient: Client, store, queue: str
+    start_worker, qclient: Client, store, queue: str, kills: int
 ) -> None:
     w: WorkerProcess = start_worker("killchild", queues=queue, FLEET_MAX_DELIVERIES="10",
                                     **FAST_REDELIVERY)  # fmt: skip
-    handles = qclient.submit_many([job() for _ in range(20)])
+    handles = qclient.submit_many([job() for _ in range(4 * kills)])
     ids = [h.job_id for h in handles]
-    for _ in range(5):
+    for _ in range(kills):
         kill_pool_child_mid_job(w, qclient, received(w))
-    fig = fault_tally.tally("pool child SIGKILL", qclient, ids, lambda: [w.log()], kills=5)
+    fig = fault_tally.tally("pool child SIGKILL", qclient, ids, lambda: [w.log()], kills=kills)
     fault_tally.assert_clean(fig)
     for job_id in ids:
         keys = objects_of(store, job_id)
         assert keys == [contract.image_key(job_id, 0), contract.manifest_key(job_id)]
         assert store.get_json(contract.manifest_key(job_id))["status"] == "succeeded"
-    assert w.log().count("WorkerLostError") >= 5, w.log()[-3000:]
+    assert w.log().count("WorkerLostError") >= kills, w.log()[-3000:]
 
 
 def test_a_job_that_kills_its_worker_every_time_ends_as_a_recorded_failure(
