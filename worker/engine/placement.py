@@ -203,10 +203,15 @@ class Placement:
             extra["device_map"] = "balanced"
             if self.max_memory:
                 extra["max_memory"] = self.max_memory
+        token = settings.hf_token.get_secret_value() if settings.hf_token else None
+        if token:
+            # Every hub request of this process carries it, also those that diffusers and
+            # transformers make without the token argument (huggingface_hub reads HF_TOKEN).
+            os.environ.setdefault("HF_TOKEN", token)
         where: dict[str, Any] = {
             "revision": settings.model_revision,
             "local_files_only": settings.local_files_only,
-            "token": settings.hf_token.get_secret_value() if settings.hf_token else None,
+            "token": token,
         }
         try:
             # A required component saved as null (SD3 without its T5 encoder: text_encoder_3 and
