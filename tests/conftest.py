@@ -71,17 +71,24 @@ def worker_starter(
     return start
 
 
-@pytest.fixture()
-def start_worker(
+def signalled_at_end(
     fleet_env: dict, tmp_path_factory: pytest.TempPathFactory, all_workers: list[WorkerProcess]
 ) -> Iterator[Callable[..., WorkerProcess]]:
-    """Starts real workers for one test. They get the warm-shutdown signal when the test ends
-    (an idle worker left running takes CPU from the tests after it: heartbeats, restore sweeps)
-    and are waited for when the session ends."""
+    """A worker starter whose workers get the warm-shutdown signal when its fixture ends (an
+    idle worker left running takes CPU from the tests after it: heartbeats, restore sweeps);
+    they are waited for when the session ends."""
     mine: list[WorkerProcess] = []
     yield worker_starter(fleet_env, tmp_path_factory.mktemp("worker-logs"), all_workers, mine)
     for w in mine:
         w.signal_stop()
+
+
+@pytest.fixture()
+def start_worker(
+    fleet_env: dict, tmp_path_factory: pytest.TempPathFactory, all_workers: list[WorkerProcess]
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """Starts real workers for one test, signalled when the test ends."""
+    yield from signalled_at_end(fleet_env, tmp_path_factory, all_workers)
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +96,7 @@ def module_workers(
     fleet_env: dict, tmp_path_factory: pytest.TempPathFactory, all_workers: list[WorkerProcess]
 ) -> Iterator[Callable[..., WorkerProcess]]:
     """``start_worker`` for a module's shared workers: signalled when the module ends."""
-    mine: list[WorkerProcess] = []
-    yield worker_starter(fleet_env, tmp_path_factory.mktemp("worker-logs"), all_workers, mine)
-    for w in mine:
-        w.signal_stop()
+    yield from signalled_at_end(fleet_env, tmp_path_factory, all_workers)
 
 
 @pytest.fixture(scope="session")

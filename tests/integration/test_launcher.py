@@ -9,8 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pytest
 
 from fleet.contract import JobSpec
 from tests.fleet_fixtures import REPO, wait_until
+from tests.integration.test_metrics import scrape
 from tests.nvidia_smi import A100X4_MIG_ON_GPU0, path_with_stub
 from worker.ops.heartbeat import alive_nodes
 
@@ -49,15 +48,6 @@ def free_ports(n: int) -> int:
             continue
         return first
     raise RuntimeError("no run of free ports")
-
-
-def scrape(port: int) -> str:
-    """A worker's metrics page; empty while nothing serves it."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
-            return str(page.read().decode())
-    except (urllib.error.URLError, ConnectionError):
-        return ""
 
 
 def sample(text: str, name: str) -> float | None:
