@@ -172,6 +172,35 @@ def _norm_prefix(prefix: str) -> str:
     return f"{prefix}/" if prefix else ""
 
 
+#: A tenant's name: what the gateway's API keys belong to, and the folder of its jobs in S3.
+TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
+
+
+def tenant_prefix(prefix: str, tenant: str | None) -> str:
+    """The key prefix of a tenant's jobs: ``<prefix>/tenants/<tenant>``; a job without a
+    tenant (the Celery path, trusted services) keeps the fleet's prefix."""
+    if not tenant:
+        return prefix
+    return f"{_norm_prefix(prefix)}tenants/{tenant}"
+
+
+def raw_job_prefix(prefix: str, job: Any) -> str:
+    """The prefix of a job message that may not be a valid JobSpec (a failure record of it):
+    its tenant's where it names a valid one, else the fleet's."""
+    tenant = job.get("tenant") if isinstance(job, dict) else None
+    ok = isinstance(tenant, str) and TENANT_PATTERN.match(tenant)
+    return tenant_prefix(prefix, tenant if ok else None)
+
+
+def tenant_webhook_secret(secret: str, tenant: str) -> str:
+    """The webhook signing secret of one tenant: HMAC-SHA256 of its name under the fleet's
+    FLEET_WEBHOOK_SECRET. Each tenant gets its own (``producer keys secret``), so one tenant
+    cannot sign callbacks that another would accept; workers derive it, nothing is stored."""
+    import hmac
+
+    return hmac.new(secret.encode(), f"fleet-tenant:{tenant}".encode(), "sha256").hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------
 # Webhook targets: refused in private ranges (server-side request forgery) unless allowed.
 
@@ -359,6 +388,10 @@ class JobSpec(BaseModel):
     #: every kind of worker (pinned, balanced, offloading). "cuda": on the worker's GPU, as
     #: pinned CUDA workers drew it before seeding moved to the CPU (replays of their recipes).
     generator_device: Literal["cpu", "cuda"] | None = None
+    #: The gateway tenant that sent the job (set by the gateway from the caller's API key, never
+    #: by the caller): its images and manifest go under ``tenants/<tenant>/`` and its webhooks
+    #: are signed with the tenant's own secret. None: a trusted service on the Celery path.
+    tenant: Text | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -396,6 +429,16 @@ class JobSpec(BaseModel):
         if not JOB_ID_PATTERN.match(v):
             raise ValueError(
                 "job ids are 1-128 characters of letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit"
+            )
+        return v
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, v: str | None) -> str | None:
+        if v is not None and not TENANT_PATTERN.match(v):
+            raise ValueError(
+                "tenant names are 1-63 characters of lower-case letters, digits, '_' and '-', "
                 "starting with a letter or digit"
             )
         return v
@@ -597,7 +640,7 @@ RECIPE_FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "guida
 
 #: Fields added to schema 1 after its first release: left out of a message while unset, so a
 #: worker from before them (which refuses unknown fields) still takes the job.
-LATER_FIELDS = ("generator_device",)
+LATER_FIELDS = ("generator_device", "tenant")
 
 
 def recorded_job(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from celery.signals import (
     worker_shutting_down,
 )
 
+from fleet import contract
 from fleet.brokers import broker_error
 from fleet.celeryconf import celery_config, make_celery
 from fleet.contract import TASK_GENERATE, WEBHOOK_QUEUE
@@ -241,7 +242,8 @@ def _record_expired(request: Any = None, expired: bool = False, **_: Any) -> Non
     def record() -> None:
         try:
             error = JobExpired("expired: not started before its deadline")
-            record_raw_failure(get_store(), get_redis(), get_settings().s3_prefix, job, error)
+            prefix = contract.raw_job_prefix(get_settings().s3_prefix, job)
+            record_raw_failure(get_store(), get_redis(), prefix, job, error)
         except Exception:
             log.exception("could not record the expiry of job %s", job.get("job_id"))
 

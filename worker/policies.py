@@ -501,7 +501,8 @@ class JobPolicies:
 
     def record(self, job: Any, error: Exception) -> None:
         """A durable record of a failure the runner did not record itself."""
-        record_raw_failure(self.get_store(), self.get_redis(), self.settings.s3_prefix, job, error)
+        prefix = contract.raw_job_prefix(self.settings.s3_prefix, job)
+        record_raw_failure(self.get_store(), self.get_redis(), prefix, job, error)
 
     def report_failure(self, task: Task, job: Any, error: BaseException) -> None:
         metrics.record_failed(error)

@@ -94,7 +94,7 @@ class JobRunner:
         # Its id first: with a usable id, a job that already succeeded is returned as it is,
         # whatever else the message says now (success beats failure).
         if isinstance(job_id, str) and contract.JOB_ID_PATTERN.match(job_id) and not first_attempt:
-            done = self._already_done(job_id)
+            done = self._already_done(job_id, contract.raw_job_prefix(self.settings.s3_prefix, job))
             if done is not None:
                 jlog.info("already complete in storage; not generating again")
                 return done
@@ -168,9 +168,14 @@ class JobRunner:
                 ]
             )
 
-    def _already_done(self, job_id: str) -> dict[str, Any] | None:
+    def prefix(self, spec: JobSpec) -> str:
+        """Where the job's objects go: the fleet's prefix, under ``tenants/<tenant>`` for a
+        gateway tenant's job."""
+        return contract.tenant_prefix(self.settings.s3_prefix, spec.tenant)
+
+    def _already_done(self, job_id: str, prefix: str) -> dict[str, Any] | None:
         try:
-            manifest = self.store.get_json(contract.manifest_key(job_id, self.settings.s3_prefix))
+            manifest = self.store.get_json(contract.manifest_key(job_id, prefix))
         except StorageError as exc:
             # Cannot tell while S3 is down: generate into the spool; the upload will retry.
             log.warning("[job=%s] cannot check for a stored result: %s", job_id, exc)
@@ -271,7 +276,7 @@ class JobRunner:
         clear: bool = True,
         seed_derived: bool = False,
     ) -> dict[str, Any]:
-        prefix = self.settings.s3_prefix
+        prefix = self.prefix(spec)
         flags = [read_png_nsfw(data) for data in pngs]  # the checker's verdicts, kept in the PNGs
         safety = self._safety(flags, jlog)
         dropped = set(safety["dropped"]) if safety else set()
@@ -360,7 +365,7 @@ class JobRunner:
             job_id=spec.job_id,
             status="failed",
             bucket=self.store.bucket,
-            manifest_key=contract.manifest_key(spec.job_id, self.settings.s3_prefix),
+            manifest_key=contract.manifest_key(spec.job_id, self.prefix(spec)),
             error=str(exc),
             error_type=type(exc).__name__,
             worker=_worker_summary(worker_info),
@@ -375,7 +380,7 @@ class JobRunner:
             error_type=type(exc).__name__,
         )
         manifest["result"] = result.model_dump(mode="json")
-        if write_failure(self.store, self.settings.s3_prefix, manifest):
+        if write_failure(self.store, self.prefix(spec), manifest):
             jlog.error("failed: %s (recorded in %s)", exc, result.manifest_key)
 
     def record_cancelled(self, spec: JobSpec, jlog: JobLog, reason: str) -> dict[str, Any]:
@@ -384,7 +389,7 @@ class JobRunner:
             job_id=spec.job_id,
             status="cancelled",
             bucket=self.store.bucket,
-            manifest_key=contract.manifest_key(spec.job_id, self.settings.s3_prefix),
+            manifest_key=contract.manifest_key(spec.job_id, self.prefix(spec)),
             error=reason,
             error_type="JobCancelled",
         )
@@ -394,7 +399,7 @@ class JobRunner:
         )  # fmt: skip
         manifest["result"] = result.model_dump(mode="json")
         try:
-            self.store.put_json(contract.manifest_key(spec.job_id, self.settings.s3_prefix),
+            self.store.put_json(contract.manifest_key(spec.job_id, self.prefix(spec)),
                                 manifest)  # fmt: skip
         except StorageError as exc:
             jlog.error("cancelled, but the record could not be stored: %s", exc)
@@ -407,10 +412,11 @@ class JobRunner:
         if not isinstance(job_id, str) or not contract.JOB_ID_PATTERN.match(job_id):
             jlog.error("refused, and not recorded in storage (no usable job_id): %s", exc)
             return
+        prefix = contract.raw_job_prefix(self.settings.s3_prefix, job)
         manifest = raw_failure_manifest(
-            job_id, job, str(exc), type(exc).__name__, self.store.bucket, self.settings.s3_prefix
+            job_id, job, str(exc), type(exc).__name__, self.store.bucket, prefix
         )
-        if write_failure(self.store, self.settings.s3_prefix, manifest):
+        if write_failure(self.store, prefix, manifest):
             jlog.error("refused: %s (recorded)", exc)
 
     def _step_reporter(

@@ -56,7 +56,8 @@ def generate(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     reject_on_worker_lost=True,
     **webhook_retry_options(runtime.get_settings()),
 )
-def deliver(self: Task, url: str, payload: dict[str, Any]) -> int:
-    """POST a finished job's result to its webhook; returns the HTTP status."""
+def deliver(self: Task, url: str, payload: dict[str, Any], tenant: str | None = None) -> int:
+    """POST a finished job's result to its webhook; returns the HTTP status. A gateway
+    tenant's deliveries are signed with that tenant's own secret."""
     return webhooks.post(url, payload, str(self.request.id), runtime.get_settings(),
-                         presign=runtime.get_store().presign_get)  # fmt: skip
+                         presign=runtime.get_store().presign_get, tenant=tenant)  # fmt: skip

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from celery import Celery
 
+from fleet import contract
 from fleet.contract import SCHEMA_VERSION, TASK_WEBHOOK, WEBHOOK_QUEUE, WEBHOOK_SIGNATURE_HEADER
 from fleet.errors import WebhookError, WebhookRefused
 from fleet.settings import WorkerSettings
@@ -155,8 +156,12 @@ def notify(app: Celery, job: Any, result: dict[str, Any]) -> None:
     url = job.get("webhook") if isinstance(job, dict) else None
     if not url:
         return
+    kwargs: dict[str, Any] = {"url": url, "payload": result}
+    tenant = job.get("tenant")
+    if isinstance(tenant, str) and contract.TENANT_PATTERN.match(tenant):
+        kwargs["tenant"] = tenant  # signed with the tenant's own secret
     try:
-        app.send_task(TASK_WEBHOOK, kwargs={"url": url, "payload": result}, queue=WEBHOOK_QUEUE)
+        app.send_task(TASK_WEBHOOK, kwargs=kwargs, queue=WEBHOOK_QUEUE)
     except Exception as exc:
         log.error("[job=%s] could not queue its webhook: %s", result.get("job_id"), exc)
 
@@ -186,9 +191,11 @@ def post(
     delivery_id: str,
     settings: WorkerSettings,
     presign: Callable[[str], str] | None = None,
+    tenant: str | None = None,
 ) -> int:
-    """POST the payload as JSON to the checked address, signed when a secret is configured;
-    returns the HTTP status (2xx).
+    """POST the payload as JSON to the checked address, signed when a secret is configured
+    (with the tenant's own secret, derived from it, for a gateway tenant's job); returns the
+    HTTP status (2xx).
 
     Raises WebhookError (transient: retried) when the name does not resolve, the receiver is
     away or answers non-2xx; WebhookRefused (not retried) for a private address or a redirect."""
@@ -208,6 +215,8 @@ def post(
                TIMESTAMP_HEADER: timestamp}  # fmt: skip
     if settings.webhook_secret is not None:
         secret = settings.webhook_secret.get_secret_value()
+        if tenant:
+            secret = contract.tenant_webhook_secret(secret, tenant)
         headers[WEBHOOK_SIGNATURE_HEADER] = sign(body, secret, timestamp)
     timeout = settings.webhook_timeout_s
     if target.scheme == "https":
