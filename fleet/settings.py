@@ -149,6 +149,47 @@ class ProducerGroup(BaseModel):
     wait_timeout_s: float | None = Field(None, description="Give up waiting after this long.")
 
 
+class GatewayGroup(BaseModel):
+    """The HTTP gateway (`python -m producer serve`): its limits, its waits, its fair share."""
+
+    gateway_wait_s: float = Field(
+        300.0,
+        description="POST /v1/images/generations waits this long for the images (under 600 s, "
+        "the openai SDK's timeout); then 504 with the job id to follow.",
+    )
+    gateway_max_body_bytes: int = Field(
+        1_048_576, description="Request bodies over this size are refused with 413 (chunked too)."
+    )
+    #: NoDecode: "a,b" is split in this module, not read as JSON.
+    gateway_cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Comma-separated origins allowed by CORS; empty: CORS off."
+    )
+    gateway_idempotency_ttl_s: int = Field(
+        86_400, description="How long an Idempotency-Key or an SDK retry finds its first job."
+    )
+    fair_queue_depth: int = Field(
+        1,
+        description="Gateway jobs the fair dispatcher lets wait in a Celery queue at once "
+        "(beyond those workers hold); tenants take turns for the next place.",
+    )
+    tenant_rate_per_min: int = Field(60, description="Default jobs per minute of a new tenant.")
+    tenant_max_queued: int = Field(100, description="Default cap on a new tenant's queued jobs.")
+    tenant_max_job_mpx_steps: float = Field(
+        600.0,
+        description="Default largest job of a new tenant: megapixels x steps x images "
+        "(512x512, 30 steps, 8 images is about 63).",
+    )
+
+    @field_validator("gateway_wait_s")
+    @classmethod
+    def _under_sdk_timeout(cls, v: float) -> float:
+        if not 0 < v < 600:
+            raise ValueError(
+                "FLEET_GATEWAY_WAIT_S must be above 0 and under 600 (the SDK's timeout)"
+            )
+        return v
+
+
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
 PlacementMode = Literal["pinned", "balanced"]
 SafetyPolicy = Literal["flag", "drop", "fail"]
@@ -322,7 +363,15 @@ class WorkerSettings(FleetSettings, WorkerGroup):
         return self
 
 
+class GatewaySettings(ProducerSettings, GatewayGroup):
+    """The HTTP gateway's settings: the producer's plus its own."""
+
+    model_config = _CONFIG
+
+    _split_origins = field_validator("gateway_cors_origins", mode="before")(_split_list)
+
+
 #: The groups in the order .env.example lists them.
 GROUPS: tuple[type[BaseModel], ...] = (
-    RedisGroup, S3Group, Limits, WebhookGroup, ProducerGroup, WorkerGroup
+    RedisGroup, S3Group, Limits, WebhookGroup, ProducerGroup, GatewayGroup, WorkerGroup
 )  # fmt: skip

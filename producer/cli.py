@@ -92,6 +92,35 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("wait", help="wait for jobs to finish and print their images")
     w.add_argument("job_ids", nargs="+", metavar="JOB_ID")
     _add_wait_options(w)
+
+    sv = sub.add_parser("serve", help="run the HTTP gateway (OpenAI-compatible images, jobs)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--workers", type=int, default=1, help="gateway processes (uvicorn workers)")
+
+    k = sub.add_parser("keys", help="the gateway's API keys: create, list, revoke")
+    ks = k.add_subparsers(dest="keys_command", required=True)
+    kc = ks.add_parser("create", help="make a key for a tenant and print it (once)")
+    kc.add_argument("--tenant", required=True)
+    kc.add_argument("--label", default="", help="a note to tell keys apart")
+    kl = ks.add_parser("list", help="list keys (ids, tenants, labels; never the keys)")
+    kl.add_argument("--tenant")
+    kr = ks.add_parser("revoke", help="revoke a key by its id: it stops working at once")
+    kr.add_argument("key_id")
+    kw = ks.add_parser("webhook-secret", help="print a tenant's webhook signing secret")
+    kw.add_argument("--tenant", required=True)
+
+    t = sub.add_parser("tenants", help="the gateway's tenants and their limits")
+    ts = t.add_subparsers(dest="tenants_command", required=True)
+    tset = ts.add_parser("set", help="create a tenant or change its limits")
+    tset.add_argument("name")
+    tset.add_argument("--models", help="comma-separated models it may use ('*': any)")
+    tset.add_argument("--rate", type=int, dest="rate_per_min", help="jobs per minute (0: none)")
+    tset.add_argument("--max-queued", type=int, help="jobs waiting at once (0: no cap)")
+    tset.add_argument("--max-job", type=float, dest="max_job_mpx_steps",
+                      help="largest job: megapixels x steps x images (0: no cap)")  # fmt: skip
+    tset.add_argument("--max-priority", type=int, help="highest priority its jobs get (0-9)")
+    ts.add_parser("list", help="list tenants and their limits")
     return parser
 
 
@@ -173,6 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    if args.command in ("serve", "keys", "tenants"):
+        from producer.gateway import admin  # the gateway's parts load only for its commands
+
+        try:
+            return admin.run(args, out)
+        except (BrokerRefused, BrokerUnavailable, BrokerMisconfigured) as exc:
+            err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            return EXIT_BROKER
+        except FleetError as exc:
+            err.print(f"[red]error:[/red] {escape(str(exc))}")
+            return EXIT_FAILED
     try:
         with Client(ProducerSettings()) as client:
             if args.command == "submit":

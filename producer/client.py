@@ -298,10 +298,11 @@ class Client:
     # -- following ------------------------------------------------------------------------------
 
     @_redis_errors
-    def status(self, job_id: str) -> JobStatus:
+    def status(self, job_id: str, prefix: str | None = None) -> JobStatus:
         """The job's state. Celery says PENDING for ids it does not know or whose results
         expired, so a PENDING job is looked up in S3 (its manifest) before it reads as queued;
-        a job Celery calls failed or revoked reads as its manifest says, when it has one."""
+        a job Celery calls failed or revoked reads as its manifest says, when it has one.
+        ``prefix``: where its manifest is (a gateway tenant's); default the fleet's."""
         res = AsyncResult(job_id, app=self.celery)
         state = res.state
         if state == "SUCCESS":
@@ -311,14 +312,14 @@ class Client:
         if state == "FAILURE":
             # Where the two disagree the manifest is the truth: a job stored while Redis was
             # away may carry a failure result of that outage.
-            from_store = self._from_manifest(job_id)
+            from_store = self._from_manifest(job_id, prefix)
             if from_store is not None:
                 return from_store
             reason = str(res.result) if res.result is not None else "unknown error"
             error_type = type(res.result).__name__ if res.result is not None else None
             return _ended(job_id, "failed", reason, error_type)
         if state == "REVOKED":
-            from_store = self._from_manifest(job_id)
+            from_store = self._from_manifest(job_id, prefix)
             if from_store is not None:
                 return from_store
             if self.redis.exists(contract.CANCEL_KEY.format(job_id=job_id)):
@@ -335,7 +336,7 @@ class Client:
                                  step=info.get("step"), steps=info.get("steps"))  # fmt: skip
             detail = f"retrying: {res.info}" if state == "RETRY" else None
             return JobStatus(job_id=job_id, state="started", detail=detail)
-        from_store = self._from_manifest(job_id)
+        from_store = self._from_manifest(job_id, prefix)
         if from_store is not None:
             return from_store
         if self.redis.exists(contract.CLAIM_KEY.format(job_id=job_id)):
@@ -395,8 +396,9 @@ class Client:
                 )
         return [placed.get(s.job_id, s) for s in statuses]
 
-    def _from_manifest(self, job_id: str) -> JobStatus | None:
-        manifest = self.store.get_json(contract.manifest_key(job_id, self.settings.s3_prefix))
+    def _from_manifest(self, job_id: str, prefix: str | None = None) -> JobStatus | None:
+        where = self.settings.s3_prefix if prefix is None else prefix
+        manifest = self.store.get_json(contract.manifest_key(job_id, where))
         if not manifest or "result" not in manifest:
             return None
         result = self._fresh_urls(JobResult.model_validate(manifest["result"]))
