@@ -11,6 +11,9 @@ import pytest
 
 from tests.fleet_fixtures import REPO, WorkerProcess, settings_kwargs
 
+#: The gateway's fixtures (start_gateway, gateway, tenants) live beside the workers'.
+pytest_plugins = ["tests.gateway_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def endpoints(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]

@@ -21,7 +21,9 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleet import contract
 from fleet.brokers import masked
@@ -70,8 +72,62 @@ async def tenant_of(
 Caller = Annotated[Tenant, Depends(tenant_of)]
 
 
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` with 413, before they are parsed: at once by
+    their Content-Length, and while reading for chunked bodies (which have none)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def too_large(self) -> ApiError:
+        return ApiError(413, f"the request body is over {self.max_bytes:,} bytes "
+                        "(FLEET_GATEWAY_MAX_BODY_BYTES)", code="request_too_large")  # fmt: skip
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await self.too_large().response()(scope, receive, send)
+            return
+        if length is not None:
+            await self.app(scope, receive, send)
+            return
+        # Chunked: read it here, at most max_bytes, then hand it on.
+        chunks: list[bytes] = []
+        seen = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, receive, send)  # a disconnect: let the app see it
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_bytes:
+                await self.too_large().response()(scope, receive, send)
+                return
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
+    if not logging.getLogger().handlers:  # uvicorn configures its own loggers only
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("producer").setLevel(logging.INFO)
     gw = Gateway(settings)
 
     @asynccontextmanager
@@ -92,7 +148,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
-        max_body_size=settings.gateway_max_body_bytes,
     )
     app.state.gateway = gw
     if settings.gateway_cors_origins:
@@ -102,6 +157,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type",
                                           "Idempotency-Key"])  # fmt: skip
+    app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     try:
         from swagger_ui_bundle import swagger_ui_path
