@@ -157,3 +157,41 @@ def test_a_redirecting_webhook_is_not_followed_nor_retried_and_its_token_is_not_
     finally:
         hook.close()
         inside.close()
+
+
+def test_a_tenants_webhooks_are_signed_with_its_own_secret_and_its_objects_kept_apart(
+    fleet: HookedFleet, receiver: Receiver, fleet_env: dict
+) -> None:
+    """A gateway tenant's job (the gateway sets ``tenant``): signed with the secret
+    `producer keys webhook-secret --tenant` prints, which no other tenant's nor the fleet's
+    own secret matches; its images under tenants/<tenant>/."""
+    import subprocess
+    import sys
+
+    from fleet.contract import tenant_webhook_secret
+    from tests.fleet_fixtures import REPO
+
+    tenant = f"hooks-{uuid.uuid4().hex[:6]}"
+    printed = subprocess.run(
+        [sys.executable, "-m", "producer", "keys", "webhook-secret", "--tenant", tenant],
+        cwd=REPO, env={**fleet_env, "FLEET_WEBHOOK_SECRET": SECRET}, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert printed.returncode == 0, printed.stderr
+    theirs = printed.stdout.strip()
+    assert theirs == tenant_webhook_secret(SECRET, tenant) and theirs != SECRET
+    with Client(fleet.settings) as c:
+        job = c.submit(JobSpec(prompt="tenant hook", width=64, height=64, steps=2,
+                               webhook=receiver.url, tenant=tenant))  # fmt: skip
+        assert job.wait(timeout=60).state == "succeeded"
+    wait_until(lambda: len(receiver.requests) >= 3, 30, "the delivery (after two 500s)")
+    headers, body = receiver.requests[-1]
+    signed = f"{headers['X-Fleet-Timestamp']}.".encode() + body
+
+    def signature(secret: str) -> str:
+        return "sha256=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+
+    got = headers[WEBHOOK_SIGNATURE_HEADER]
+    assert hmac.compare_digest(got, signature(theirs))
+    assert got != signature(SECRET) and got != signature(tenant_webhook_secret(SECRET, "other"))
+    assert json.loads(body)["images"][0]["key"].startswith(f"tenants/{tenant}/jobs/")
