@@ -149,6 +149,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         redoc_url=None,
         lifespan=lifespan,
     )
+    # The Swagger UI that swagger-ui-bundle ships (4.x) renders OpenAPI 3.0 only; the schema
+    # uses nothing of 3.1.
+    app.openapi_version = "3.0.3"
     app.state.gateway = gw
     if settings.gateway_cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -158,13 +161,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                            allow_headers=["Authorization", "Content-Type",
                                           "Idempotency-Key"])  # fmt: skip
     app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes)
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    try:
-        from swagger_ui_bundle import swagger_ui_path
+    # Swagger UI's own files first: the /static mount would catch /static/swagger/... too.
+    from swagger_ui_bundle import swagger_ui_path
 
-        app.mount("/static/swagger", StaticFiles(directory=swagger_ui_path), name="swagger")
-    except ImportError:  # pragma: no cover - a dependency of the project
-        pass
+    app.mount("/static/swagger", StaticFiles(directory=swagger_ui_path), name="swagger")
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     # -- errors ---------------------------------------------------------------------------------
 

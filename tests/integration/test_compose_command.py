@@ -163,3 +163,66 @@ def test_compose_worker_command_runs_a_job_and_stops_warmly(
         if group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def with_port(argv: list[str], port: int) -> list[str]:
+    """The argv with the container's port 8000 (taken on a test host, maybe) replaced."""
+    argv = list(argv)
+    argv[argv.index("--port") + 1] = str(port)
+    return argv
+
+
+def test_compose_gateway_command_serves_and_passes_its_healthcheck(
+    fleet_env: dict, tmp_path: Path
+) -> None:
+    """The gateway service's command and health check, as written but for the port: the check
+    fails while nothing listens, passes once the gateway answers /healthz, and the gateway
+    stops cleanly on SIGTERM (what `docker stop` sends through tini)."""
+    import socket
+
+    import httpx
+
+    service = COMPOSE["services"]["gateway"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    argv = with_port(local_argv(list(service["command"])), port)
+    test = list(service["healthcheck"]["test"])
+    assert test[:3] == ["CMD", "python", "-c"] and "127.0.0.1:8000/healthz" in test[3]
+    check = [sys.executable, "-c", test[3].replace("127.0.0.1:8000/", f"127.0.0.1:{port}/")]
+    # A Redis database of its own: its fair dispatcher does not meet the session gateway's.
+    env = {**fleet_env, "FLEET_REDIS_URL": own_db(fleet_env["FLEET_REDIS_URL"])}
+    env.pop("FLEET_RESULT_BACKEND_URL", None)
+
+    before = subprocess.run(check, cwd=tmp_path, env=env, capture_output=True, timeout=30)
+    assert before.returncode != 0  # nothing listens yet: the check can fail
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    log_text = lambda: log_path.read_text(errors="replace")[-4000:]  # noqa: E731
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"the gateway exited {proc.returncode}:\n{log_text()}"
+            health = subprocess.run(check, cwd=tmp_path, env=env, capture_output=True,
+                                    text=True, timeout=30)  # fmt: skip
+            if health.returncode == 0:
+                break
+            assert time.monotonic() < deadline, f"{health.stderr}\n{log_text()}"
+            time.sleep(0.2)
+        answer = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+        assert answer.status_code == 200 and answer.json()["status"] == "ok", answer.text
+        assert "diffusion-fleet" in httpx.get(f"http://127.0.0.1:{port}/", timeout=10).text
+
+        # A graceful stop: uvicorn finishes the lifespan (the dispatcher lets go), then exits
+        # by the signal it got again (-15 here, 143 in Docker), as uvicorn >= 0.29 does.
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM), log_text()
+        assert "Application shutdown complete" in log_text()
+        after = subprocess.run(check, cwd=tmp_path, env=env, capture_output=True, timeout=30)
+        assert after.returncode != 0
+    finally:
+        if group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
