@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from fleet.settings import ProducerSettings, WorkerSettings
+from fleet.settings import GatewaySettings, ProducerSettings, WorkerSettings
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -110,14 +110,19 @@ def test_every_env_example_name_reaches_its_setting(
     repo = Path(__file__).parents[2]
     names = re.findall(r"^(FLEET_\w+)=", (repo / ".env.example").read_text(), re.M)
     assert len(names) == len(set(names)) > 50
-    fields = {**ProducerSettings.model_fields, **WorkerSettings.model_fields}
+    fields = {**ProducerSettings.model_fields, **WorkerSettings.model_fields,
+              **GatewaySettings.model_fields}  # fmt: skip
     for name in names:
         field_name = name.removeprefix("FLEET_").lower()
         field = fields[field_name]
         default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
         value = PROBES.get(name) or _probe_value(field.annotation, default)
         monkeypatch.setenv(name, value)
-        cls = WorkerSettings if field_name in WorkerSettings.model_fields else ProducerSettings
+        cls: type[ProducerSettings] = (
+            WorkerSettings if field_name in WorkerSettings.model_fields
+            else GatewaySettings if field_name in GatewaySettings.model_fields
+            else ProducerSettings
+        )  # fmt: skip
         got = getattr(cls(), field_name)
         if hasattr(got, "get_secret_value"):
             got = got.get_secret_value()
