@@ -264,17 +264,23 @@ class Dispatcher:
             )  # fmt: skip
 
     def _run(self) -> None:
+        away = False
         while not self._stop.is_set():
             try:
                 sent = self.tick()
             except redis.RedisError as exc:
-                log.warning("fair dispatcher: Redis away (%s); trying again", exc)
+                if not away:  # once an outage, not once a second
+                    log.warning("fair dispatcher: Redis away (%s); trying every second", exc)
+                away = True
                 self._stop.wait(1.0)
                 continue
             except Exception:
                 log.exception("fair dispatcher: unexpected error; trying again")
                 self._stop.wait(1.0)
                 continue
+            if away:
+                log.info("fair dispatcher: Redis is back")
+                away = False
             if not sent:
                 try:  # woken at once by a new job, else look for room again soon
                     self.redis.blpop([NOTIFY_KEY], timeout=self.poll_s)

@@ -108,8 +108,9 @@ class Gateway:
         self.client.check_redis()
         added, prior = self.lines.add(line_job, contract.claim_value(queue, spec),
                                       tenant.max_queued)  # fmt: skip
+        if added != 1:
+            self.tenants.refund_rate(tenant)
         if added == -1:
-            self.tenants.redis.decr(f"fleet:gw:rate:{tenant.name}:{int(time.time() // 60)}")
             raise ApiError(429, f"tenant {tenant.name} has {tenant.max_queued} jobs waiting, its "
                            "limit; try again when some have started", "rate_limit_error",
                            code="queue_full", retry=True,

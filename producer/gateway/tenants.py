@@ -201,6 +201,14 @@ class TenantStore:
         self.redis.decrby(key, jobs)
         return max(1.0, math.ceil((minute + 1) * 60 - now))
 
+    def refund_rate(self, tenant: Tenant, jobs: int = 1, now: float | None = None) -> None:
+        """Give back what ``take_rate`` counted for jobs that were not made after all (the
+        tenant's line was full, or the id was known: a retry)."""
+        if tenant.rate_per_min <= 0:
+            return
+        minute = int((time.time() if now is None else now) // 60)
+        self.redis.decrby(RATE_KEY.format(tenant=tenant.name, minute=minute), jobs)
+
 
 def record_json(record: ApiKeyRecord) -> str:
     return json.dumps(record.public(), sort_keys=True)
