@@ -5,7 +5,8 @@
     scripts/bench --report-only [--out DIR]
 
 Starts its own Redis and SeaweedFS S3, real `celery worker` processes serving the random-weight
-`medium` model, a bare pipeline process and a trivial Celery app; measures; stops everything
+`medium` model, a bare pipeline process, a trivial Celery app and the HTTP gateway (`python -m
+producer serve`, for its own phase); measures; stops everything
 (also on errors and Ctrl-C); writes the raw samples to DIR/results.json (default bench/), then
 the figures computed from them to results.json and results.md. ``--report-only`` does the last
 step alone, on the results.json already in DIR. The parts are in scripts/benchlib/: measure
@@ -27,6 +28,11 @@ Figures (medians of several runs, each run measuring both sides of its ratio bac
   Celery messages (counted with LLEN, checked, then purged). Goal >= 4.
 - idle latency: submit -> the job's STARTED state (published by the worker as it starts the
   task), fleet idle / a trivial Celery task's round trip (submit -> SUCCESS). Goal <= 2.
+- gateway submit rate: POST /v1/jobs jobs/s (one asyncio httpx client, 8 requests in flight)
+  / Client.submit jobs/s (one call after another), same jobs, no worker consuming them (each
+  side's jobs are counted where they must be, then deleted). Goal >= 0.5.
+- gateway submit -> STARTED: median POST /v1/jobs -> STARTED minus median Client.submit ->
+  STARTED, one job at a time in turns on the idle worker. Goal <= 5 ms.
 """
 
 from __future__ import annotations
@@ -49,8 +55,9 @@ from benchlib.report import report, write_results  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="scripts/bench",
-        description="Measure fleet efficiency, batching gain, scale-out, bulk enqueue and idle "
-        "latency as ratios in one run; write results.json and results.md.",
+        description="Measure fleet efficiency, batching gain, scale-out, bulk enqueue, idle "
+        "latency and the HTTP gateway against the direct client in one run; write results.json "
+        "and results.md.",
     )
     p.add_argument("--quick", action="store_true", help="a smaller run (under 2 minutes)")
     p.add_argument("--out", type=Path, default=REPO / "bench", help="output folder (bench/)")
@@ -72,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bulk-jobs", type=int, help="jobs per bulk enqueue run (10000; quick 1000)")
     p.add_argument("--steps", type=int, help="denoising steps per image (20)")
     p.add_argument("--batch-jobs", type=int, help="jobs per batching run (64; quick 16)")
+    p.add_argument("--gateway-jobs", type=int,
+                   help="jobs per side per gateway acceptance run (500; quick 100)")  # fmt: skip
+    p.add_argument("--gateway-concurrency", type=int,
+                   help="POST /v1/jobs requests in flight at once (8)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep worker logs (kept on failure)")
     p.add_argument("--role", choices=("main", "pipeline", "noop-worker"), default="main",
                    help=argparse.SUPPRESS)  # fmt: skip

@@ -51,8 +51,8 @@ def _machine_busy_s() -> tuple[float, float]:
     return (sum(fields) - idle - steal) / tick, steal / tick
 
 
-def _own_cpu_s() -> float:
-    """CPU-seconds used by this process and everything it started (workers, Redis, S3...)."""
+def _process_table() -> tuple[dict[int, list[int]], dict[int, float]]:
+    """Every process's children and CPU-seconds used (/proc)."""
     parent: dict[int, int] = {}
     used: dict[int, float] = {}
     tick = os.sysconf("SC_CLK_TCK")
@@ -69,12 +69,40 @@ def _own_cpu_s() -> float:
     children: dict[int, list[int]] = {}
     for pid, ppid in parent.items():
         children.setdefault(ppid, []).append(pid)
+    return children, used
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process under it."""
+    children, _ = _process_table()
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def _own_cpu_s() -> float:
+    """CPU-seconds used by this process and everything it started (workers, Redis, S3...)."""
+    children, used = _process_table()
     total, todo = 0.0, [os.getpid()]
     while todo:
         pid = todo.pop()
         total += used.get(pid, 0.0)
         todo += children.get(pid, [])
     return total
+
+
+def proc_cpu_s(pid: int | None) -> float | None:
+    """CPU-seconds one process has used, all its threads (None: no such process)."""
+    if pid is None:
+        return None
+    try:
+        rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class CpuWatch:

@@ -38,6 +38,7 @@ from producer.client import Client
 
 from . import REPO, log
 from .figures import batching_run, throughput_row
+from .gateway import GatewayPhase
 from .machine import CpuWatch, cpu_busy, facts, loadavg, versions
 from .procs import (
     NOOP_QUEUE,
@@ -51,7 +52,7 @@ from .procs import (
 )
 from .stats import median
 
-SCHEMA = 2
+SCHEMA = 3  # 3: the gateway phase's samples
 Q_ONE = "bench.one"  # the worker with FLEET_TORCH_THREADS=2
 Q_TWO = "bench.two"  # shared by the two one-thread workers
 Q_BULK = "bench.bulk"  # no consumer: counted with LLEN, then purged
@@ -224,6 +225,7 @@ class Bench:
             16 if self.quick else 64
         )  # compatible jobs queued at once, 64 px
         self.batch_sizes = BATCH_SIZES[:1] if self.quick else BATCH_SIZES
+        self.gateway = GatewayPhase(self, Q_ONE)
         self.run_dir = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
         self.procs: list[Proc] = []
         self.clients: list[Client] = []
@@ -249,6 +251,7 @@ class Bench:
             "batching_jobs": self.batch_jobs,
             "batching_repeats": self.batch_repeats,
             "batch_sizes": list(self.batch_sizes),
+            **self.gateway.settings(),
             "device": "cpu",
         }
 
@@ -293,11 +296,11 @@ class Bench:
         )
         return env
 
-    def client(self, queue: str) -> Client:
+    def client(self, queue: str, **extra: Any) -> Client:
         kwargs: dict[str, Any] = {
             k.removeprefix("FLEET_").lower(): v for k, v in self.endpoints_env.items()
         }
-        kwargs["queue"] = queue
+        kwargs.update(queue=queue, **extra)
         c = Client(ProducerSettings(_env_file=None, **kwargs))
         self.clients.append(c)
         return c
@@ -626,7 +629,8 @@ class Bench:
         self.warm_up()
         samples: dict[str, Any] = {"throughput": self.throughput()}
         for phase, measure in (("batching", self.batching), ("idle_latency", self.idle_latency),
-                               ("bulk_enqueue", self.bulk)):  # fmt: skip
+                               ("bulk_enqueue", self.bulk),
+                               ("gateway", self.gateway.run)):  # fmt: skip
             with self.watched(phase):
                 samples[phase] = measure()
         samples["pipeline_torch_threads"] = self.pipeline_threads

@@ -2,7 +2,8 @@
 
 Children: real `celery worker` processes (the README's command line), the bare pipeline process
 (``scripts/bench.py --role pipeline``: Engine.generate in a loop, one JSON command per stdin
-line) and the trivial Celery worker (``--role noop-worker``: one task, ``bench.noop``).
+line), the trivial Celery worker (``--role noop-worker``: one task, ``bench.noop``) and the
+HTTP gateway (``python -m producer serve`` on a free loopback port).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,6 +47,13 @@ def make_spec(i: int, size: int, steps: int, seed: int, **extra: Any) -> Any:
 
 def node_name(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:6]}@localhost"
+
+
+def free_port() -> int:
+    """A loopback port free now (the gateway takes it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # =============================================================================================
@@ -212,6 +221,32 @@ class NoopWorker(Proc):
         self.node = node_name("noop")
         cmd = [sys.executable, str(BENCH_SCRIPT), "--role", "noop-worker", "--node", self.node]
         super().__init__("noop-worker", cmd, env, run_dir)
+
+
+class GatewayProc(Proc):
+    """The HTTP gateway as users run it: `python -m producer serve` (one uvicorn process)."""
+
+    def __init__(self, env: dict[str, str], run_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "producer", "serve", "--host", "127.0.0.1", "--port",
+               str(self.port)]  # fmt: skip
+        super().__init__("gateway", cmd, env, run_dir)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Ask /healthz until it answers 200 (Redis and S3 reached); a dead process fails."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive():
+                raise RuntimeError(f"the gateway exited at start:\n{self.tail()}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the gateway did not answer in {timeout:.0f} s:\n{self.tail()}")
+            time.sleep(0.05)
 
 
 class PipelineProc(Proc):

@@ -185,7 +185,142 @@ def explain_misses(res: dict[str, Any]) -> list[str]:
             f"{lat['trivial_round_trip_ms']:.1f} ms; the fleet's submit validates and claims "
             "the job id (one Redis round trip) before sending." + busy_text
         )
+    for name, label in (("gateway_submit_rate", "Gateway submit rate"),
+                        ("gateway_started_added_ms", "Gateway submit -> STARTED")):  # fmt: skip
+        g = f.get(name)
+        if g and g["met"] is False:
+            out.append(f"**{label} {_gw_value(name, g)} (goal {g['goal']}).** See Gateway.")
     return out
+
+
+# =============================================================================================
+# The gateway section.
+
+
+def _gw_value(name: str, fig: dict[str, Any]) -> str:
+    return f"x{fig['value']:.2f}" if name == "gateway_submit_rate" else f"{fig['value']:+.1f} ms"
+
+
+def _ms2(q: dict[str, float], *keys: str) -> str:
+    return " / ".join(f"{q[k]:.1f}" for k in keys)
+
+
+def _cpu(cpu: dict[str, float | None], names: dict[str, str]) -> str:
+    shown = [f"{label} {cpu[k]:.2f}" for k, label in names.items() if cpu.get(k) is not None]
+    return ", ".join(shown)
+
+
+def gateway_verdicts(res: dict[str, Any]) -> list[str]:
+    """One sentence per gateway goal: met, or the shortfall with the measurements behind it."""
+    f = res["figures"]
+    rate, lat = f["gateway_submit_rate"], f["gateway_started_added_ms"]
+    cores = res["machine"].get("cores") or 1
+    other = res["machine"].get("other_processes_cpu_share", {}).get("gateway", {}).get("median")
+    busy = (
+        f" Other processes on this machine used a median {100 * other:.0f}% of all CPUs meanwhile."
+        if other is not None and other > 0.05
+        else ""
+    )
+    h, d, c = rate["http_jobs_per_s"], rate["direct_jobs_per_s"], rate["concurrency"]
+    cpu_h, cpu_d = rate["cpu_ms_per_job"]["http"], rate["cpu_ms_per_job"]["direct"]
+    out = []
+    if rate["met"]:
+        out.append(
+            f"**Submit rate: met.** The gateway accepted {h:,.0f} jobs/s with {c} requests in "
+            f"flight, x{rate['value']:.2f} the {d:,.0f} jobs/s of Client.submit (goal "
+            f"{rate['goal']})."
+        )
+    else:
+        gw, client, redis = (cpu_h.get(k) or 0.0 for k in ("gateway", "bench", "redis"))
+        text = (
+            f"**Submit rate: missed**, x{rate['value']:.2f} (goal {rate['goal']}): the gateway "
+            f"accepted {h:,.0f} jobs/s with {c} requests in flight against {d:,.0f} jobs/s of "
+            f"Client.submit, one call after another. Per job the gateway process used "
+            f"{gw:.2f} ms of CPU and the httpx client {client:.2f} ms (Redis {redis:.2f} ms), "
+            f"against {cpu_d.get('bench') or 0:.2f} ms in the calling process per Client.submit "
+            f"(Redis {cpu_d.get('redis') or 0:.2f} ms)."
+        )
+        if gw > 0:
+            text += (
+                f" So one gateway process, one Python interpreter, can accept at most about "
+                f"{1000 / gw:,.0f} jobs/s, and with its client on the same {cores} cores about "
+                f"{cores * 1000 / (gw + client + redis):,.0f}; requests waited their turn for "
+                f"that CPU: p50 {rate['http_request_ms']['p50']:.1f} ms, p99 "
+                f"{rate['http_request_ms']['p99']:.1f} ms (Client.submit: "
+                f"{_ms2(rate['direct_call_ms'], 'p50', 'p99')} ms)."
+            )
+        out.append(text + busy)
+    hq, dq = lat["http_started_ms"], lat["direct_started_ms"]
+    both = (
+        f"{hq['p50']:.1f} ms through HTTP vs {dq['p50']:.1f} ms with Client.submit "
+        f"({lat['samples']} samples each; p95 {hq['p95']:.1f} vs {dq['p95']:.1f} ms)"
+    )
+    if lat["met"]:
+        out.append(
+            f"**Submit -> STARTED: met.** HTTP added {lat['value']:+.1f} ms at the median: "
+            f"{both} (goal {lat['goal']})."
+        )
+    else:
+        call = lat["http_post_ms"] - lat["direct_submit_ms"]
+        after = lat["http_after_answer_ms"] - lat["direct_after_return_ms"]
+        out.append(
+            f"**Submit -> STARTED: missed**, {lat['value']:+.1f} ms at the median (goal "
+            f"{lat['goal']}): {both}. Split at the moment the call returned (medians): the call "
+            f"itself {call:+.1f} ms (POST {lat['http_post_ms']:.1f} ms: the HTTP hop, the key's "
+            "two Redis reads, validation and the line's script, against Client.submit "
+            f"{lat['direct_submit_ms']:.1f} ms), and from there to STARTED {after:+.1f} ms "
+            f"({lat['http_after_answer_ms']:.1f} ms after the 202 against "
+            f"{lat['direct_after_return_ms']:.1f} ms after Client.submit returned: the gateway's "
+            "job still waits for the dispatcher thread to take it from the line and send the "
+            "Celery message, work that partly overlaps the 202's way back)." + busy
+        )
+    return out
+
+
+def render_gateway(res: dict[str, Any]) -> list[str]:
+    f = res["figures"]
+    if "gateway_submit_rate" not in f or "gateway_started_added_ms" not in f:
+        return []
+    rate, lat = f["gateway_submit_rate"], f["gateway_started_added_ms"]
+    hq, dq = lat["http_started_ms"], lat["direct_started_ms"]
+    cpu_h, cpu_d = rate["cpu_ms_per_job"]["http"], rate["cpu_ms_per_job"]["direct"]
+    lines = [
+        "## Gateway",
+        "",
+        "`python -m producer serve` (one uvicorn process) on the bench's own Redis and S3, "
+        "tenant `bench` with its limits off, against `Client.submit` in the same run with the "
+        f"same jobs. **Submit rate**: {rate['jobs_per_run']} jobs per side per run, "
+        f"{len(rate['runs'])} runs, the side going first alternating; jobs of {rate['job']}, "
+        "which both sides route to a queue of their own that no worker reads. POST /v1/jobs "
+        f"from one asyncio httpx client, {rate['concurrency']} requests in flight (a 202: the "
+        "job is in its tenant's line); Client.submit one call after another (it returns once "
+        "the Celery message is queued); afterwards every job is counted where it must be, then "
+        f"deleted. **Submit -> STARTED**: {lat['samples']} jobs each ({lat['job']}), one at a "
+        "time, in turns, from the call to the STARTED state the worker publishes.",
+        "",
+        "| | Client.submit | POST /v1/jobs | gateway vs direct | goal | result |",
+        "|---|---|---|---|---|---|",
+        f"| submit rate, jobs/s | {rate['direct_jobs_per_s']:,.0f} | "
+        f"{rate['http_jobs_per_s']:,.0f} | x{rate['value']:.2f} | {rate['goal']} | "
+        f"{_met(rate)} |",
+        f"| latency per call, p50 / p99 ms | {_ms2(rate['direct_call_ms'], 'p50', 'p99')} | "
+        f"{_ms2(rate['http_request_ms'], 'p50', 'p99')} ({rate['concurrency']} in flight) "
+        "| | | |",
+        f"| CPU per job, ms | {_cpu(cpu_d, {'bench': 'caller', 'redis': 'Redis'})} | "
+        f"{_cpu(cpu_h, {'gateway': 'gateway', 'bench': 'httpx client', 'redis': 'Redis'})} "
+        "| | | |",
+        f"| submit -> STARTED, p50 ms | {dq['p50']:.1f} | {hq['p50']:.1f} | "
+        f"{lat['value']:+.1f} ms | {lat['goal']} | {_met(lat)} |",
+        f"| submit -> STARTED, p95 / p99 ms | {_ms2(dq, 'p95', 'p99')} | "
+        f"{_ms2(hq, 'p95', 'p99')} | | | |",
+        f"| the call, then to STARTED, p50 ms | {lat['direct_submit_ms']:.1f} + "
+        f"{lat['direct_after_return_ms']:.1f} | {lat['http_post_ms']:.1f} + "
+        f"{lat['http_after_answer_ms']:.1f} | | | |",
+        "",
+    ]
+    lines += [f"- {x}" for x in gateway_verdicts(res)]
+    lines += ["", f"Runs (gateway jobs/s / direct jobs/s): {rate['runs']}.", ""]
+    return lines
 
 
 def _over(shares: dict[str, dict[str, Any]], limit: float) -> list[tuple[str, float, float]]:
@@ -287,7 +422,14 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"{s['warmup_jobs_per_worker']} warm-up job(s) per worker first; bulk enqueue "
         f"{s['bulk_jobs']:,} jobs x {s['bulk_repeats']} runs; idle latency "
         f"{s['latency_samples']} samples; batching {s['batching_jobs']} jobs x "
-        f"{s['batching_repeats']} run(s) at 64 px, batch sizes {s['batch_sizes']}",
+        f"{s['batching_repeats']} run(s) at 64 px, batch sizes {s['batch_sizes']}"
+        + (
+            f"; gateway {s['gateway_jobs_per_run']} jobs per side x {s['gateway_repeats']} "
+            f"runs, {s['gateway_concurrency']} requests in flight, submit -> STARTED "
+            f"{s['gateway_latency_samples']} samples each"
+            if "gateway_jobs_per_run" in s
+            else ""
+        ),
         "- services: Redis and SeaweedFS S3 started by the bench (LocalServices, loopback); "
         "default workers: `celery -A worker.app worker --pool prefork --concurrency 1 --queues "
         "<bench queue>`; overlapped worker: `--pool threads --concurrency 2`; batch workers: "
@@ -338,6 +480,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         "it could move in another run on this machine; 'within noise' means the goal lies "
         "inside it, so these runs cannot tell met from missed.",
         "",
+        *render_gateway(res),
         "## How each figure is measured",
         "",
         "- **Fleet efficiency**: N jobs submitted at once with `Client.submit_many` to a queue "
@@ -416,7 +559,7 @@ def summary(res: dict[str, Any]) -> list[str]:
         value = goal["value"]
         shown = f"{value:.3f}" if isinstance(value, float) else "not measured"
         state = {True: "met", False: "MISSED", None: "n/a"}[goal["met"]]
-        lines.append(f"{name:18} {shown:>14}  goal {goal['goal']:<34} {state}")
+        lines.append(f"{name:27} {shown:>8}  goal {goal['goal']:<10} {state}")
     return lines
 
 

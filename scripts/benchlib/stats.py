@@ -27,6 +27,11 @@ def median(values: Values) -> float:
     return float(np.median(np.asarray(values, dtype=float)))
 
 
+def percentile(values: Values, q: float) -> float:
+    """The ``q``-th percentile (numpy's default, linear between the nearest samples)."""
+    return float(np.percentile(np.asarray(values, dtype=float), q))
+
+
 def spread(values: Values) -> float:
     """(max - min) / median: how much the runs of one figure disagree."""
     x = np.asarray(values, dtype=float)
@@ -44,6 +49,28 @@ def interval90(values: Values) -> list[float] | None:
     res = stats.bootstrap(
         (x,),
         np.median,
+        confidence_level=CONFIDENCE,
+        n_resamples=RESAMPLES,
+        method="percentile",
+        rng=np.random.default_rng(SEED),
+    )
+    ci = res.confidence_interval
+    return [round(float(ci.low), 4), round(float(ci.high), 4)]
+
+
+def interval90_diff(x: Values, y: Values) -> list[float] | None:
+    """A 90% bootstrap interval of median(x) - median(y), x and y resampled each on its own
+    (two sets of samples, not pairs); seeded like ``interval90``."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if min(a.size, b.size) < MIN_VALUES:
+        return None
+
+    def diff(u: npt.NDArray[np.floating], v: npt.NDArray[np.floating], axis: int = -1) -> object:
+        return np.median(u, axis=axis) - np.median(v, axis=axis)
+
+    res = stats.bootstrap(
+        (a, b),
+        diff,
         confidence_level=CONFIDENCE,
         n_resamples=RESAMPLES,
         method="percentile",

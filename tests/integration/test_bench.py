@@ -1,5 +1,6 @@
 """scripts/bench --quick runs to the end and records every figure (not how fast they are),
-computed from the raw samples it records; --report-only recomputes them from those samples."""
+computed from the raw samples it records; --report-only recomputes them from those samples.
+That includes the gateway's (POST /v1/jobs against Client.submit): measured and sane, not met."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ RATIOS = (
     "bulk_enqueue",
     "idle_latency",
 )
+#: the gateway's figures: POST /v1/jobs against Client.submit (their goals need not be met)
+GATEWAY = ("gateway_submit_rate", "gateway_started_added_ms")
 
 
 #: the quick run with fewer jobs and steps: every phase and figure, in about half the time
@@ -70,7 +73,7 @@ def positive(x: object) -> bool:
 def test_every_figure_is_measured_with_its_goal(bench_run) -> None:  # type: ignore[no-untyped-def]
     res, *_ = bench_run
     figures = res["figures"]
-    assert set(figures) == set(RATIOS)
+    assert set(figures) == set(RATIOS) | set(GATEWAY)
     for name in RATIOS:
         fig = figures[name]
         assert positive(fig["value"]), (name, fig)
@@ -114,6 +117,50 @@ def test_every_figure_is_measured_with_its_goal(bench_run) -> None:  # type: ign
         calls = {int(k): v for k, v in by_size["jobs_by_call_size"].items()}
         assert max(calls) > 1 and max(calls) <= size, calls
         assert sum(calls.values()) == batching["jobs"] * res["settings"]["batching_repeats"]
+
+
+def test_gateway_figures_are_measured_and_sane(bench_run) -> None:  # type: ignore[no-untyped-def]
+    """The gateway phase ran against a real `python -m producer serve`: every figure there with
+    its goal and verdict (met or not), positive rates, ordered percentiles, the asked counts."""
+    res, md, *_ = bench_run
+    settings, figures = res["settings"], res["figures"]
+    rate, lat = figures["gateway_submit_rate"], figures["gateway_started_added_ms"]
+    for name, fig in (("gateway_submit_rate", rate), ("gateway_started_added_ms", lat)):
+        assert isinstance(fig["met"], bool) and fig["goal"] and positive(fig["goal_value"])
+        assert res["goals"][name] == {"goal": fig["goal"], "value": fig["value"], "met": fig["met"]}
+
+    assert positive(rate["value"]) and positive(rate["http_jobs_per_s"])
+    assert positive(rate["direct_jobs_per_s"])
+    assert rate["value"] == pytest.approx(np.median(np.array(rate["runs"])), abs=1e-3)
+    for q in (rate["http_request_ms"], rate["direct_call_ms"]):
+        assert 0 < q["p50"] <= q["p99"]
+    assert rate["concurrency"] == settings["gateway_concurrency"] == 8
+    assert rate["jobs_per_run"] == settings["gateway_jobs_per_run"] == 100
+    assert len(rate["runs"]) == settings["gateway_repeats"] == 2
+    assert rate["requests"] == 2 * 100 and all(positive(r) for r in rate["runs"])
+    assert positive(rate["cpu_ms_per_job"]["http"]["gateway"])
+    assert positive(rate["cpu_ms_per_job"]["direct"]["bench"])
+
+    samples = res["samples"]["gateway"]
+    for side in ("http", "direct"):
+        q = lat[f"{side}_started_ms"]
+        assert 0 < q["p50"] <= q["p95"] <= q["p99"]
+        started = samples["started"][f"{side}_started_s"]
+        assert len(started) == settings["gateway_latency_samples"] == 5
+        # each job was answered before it ended, and started before it ended
+        done, call = samples["started"][f"{side}_done_s"], samples["started"][f"{side}_call_s"]
+        assert all(0 < c < d and 0 < s < d for c, s, d in zip(call, started, done, strict=True))
+        for part in (r[side] for r in samples["acceptance"]["runs"]):
+            assert part["n"] == len(part["per_call_s"]) == 100 and positive(part["seconds"])
+    assert lat["samples"] == lat["direct_samples"] == 5
+    assert lat["value"] == pytest.approx(
+        lat["http_started_ms"]["p50"] - lat["direct_started_ms"]["p50"]
+    )
+
+    section = md.split("## Gateway")[1].split("\n## ")[0]
+    assert "| submit rate, jobs/s |" in section and "| submit -> STARTED, p50 ms |" in section
+    for name, verdict in zip(GATEWAY, ("Submit rate", "Submit -> STARTED"), strict=True):
+        assert f"**{verdict}: {'met.' if figures[name]['met'] else 'missed'}" in section
 
 
 def test_machine_versions_and_settings_are_recorded(bench_run) -> None:  # type: ignore[no-untyped-def]
@@ -186,10 +233,25 @@ def test_figures_are_computed_from_the_recorded_samples(bench_run) -> None:  # t
     assert figures["idle_latency"]["value"] == pytest.approx(
         np.median(lat["fleet_started_s"]) / np.median(lat["trivial_done_s"])
     )
+
+    gw = samples["gateway"]
+    http = np.array([r["http"]["n"] / r["http"]["seconds"] for r in gw["acceptance"]["runs"]])
+    direct = np.array([r["direct"]["n"] / r["direct"]["seconds"] for r in gw["acceptance"]["runs"]])
+    assert figures["gateway_submit_rate"]["value"] == pytest.approx(np.median(http / direct))
+    posts = [x for r in gw["acceptance"]["runs"] for x in r["http"]["per_call_s"]]
+    assert figures["gateway_submit_rate"]["http_request_ms"]["p99"] == pytest.approx(
+        1000 * np.percentile(posts, 99)
+    )
+    started = gw["started"]
+    assert figures["gateway_started_added_ms"]["value"] == pytest.approx(
+        1000 * (np.median(started["http_started_s"]) - np.median(started["direct_started_s"]))
+    )
     for name, fig in figures.items():
         band, goal = fig["interval90"], fig["goal_value"]
         assert (band is None) == (len(fig["runs"]) < 3), name
         assert fig["within_noise"] == bool(band and band[0] < goal < band[1]), name
+        if band:
+            assert band[0] <= band[1], name
 
 
 def test_report_only_recomputes_the_figures_from_the_samples(bench_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -217,9 +279,13 @@ def test_report_only_on_the_committed_results_gives_the_committed_table(tmp_path
     shutil.copy(committed, tmp_path / "results.json")
     res, md = report_only(tmp_path)
     assert res == json.loads(committed.read_text())  # left as it was
-    table = [line for line in (REPO / "bench" / "results.md").read_text().splitlines()
-             if line.startswith("| ")]  # fmt: skip
-    assert len(table) == 7  # the header and the six figures
+    committed_md = (REPO / "bench" / "results.md").read_text()
+    table = [line for line in committed_md.splitlines() if line.startswith("| ")]
+    figures = committed_md.split("## Figures")[1].split("\n## ")[0]
+    assert len([line for line in figures.splitlines() if line.startswith("| ")]) == 7  # 6 + header
+    if "gateway_submit_rate" in res["figures"]:  # its own section: the header and 6 rows
+        gateway = committed_md.split("## Gateway")[1].split("\n## ")[0]
+        assert len([line for line in gateway.splitlines() if line.startswith("| ")]) == 7
     assert [line for line in md.splitlines() if line.startswith("| ")] == table
 
     empty = tmp_path / "empty"
