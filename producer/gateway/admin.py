@@ -29,8 +29,11 @@ def run(args: argparse.Namespace, out: Console) -> int:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    # access_log off: the gateway logs every request itself, with its tenant and key id.
+
     uvicorn.run("producer.gateway.app:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level="info", proxy_headers=False)  # fmt: skip
+                workers=args.workers, log_level="info", proxy_headers=False,
+                access_log=False)  # fmt: skip
     return 0
 
 

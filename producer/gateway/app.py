@@ -72,6 +72,38 @@ async def tenant_of(
 Caller = Annotated[Tenant, Depends(tenant_of)]
 
 
+class Observe:
+    """Count, time and log every request: one log line each, naming the tenant and the key's
+    id (never the key). Plain ASGI: Starlette's BaseHTTPMiddleware costs about 1.6 ms of CPU a
+    request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def sent(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            elapsed = time.perf_counter() - started
+            path = getattr(scope.get("route"), "path", "unmatched")
+            REQUESTS.labels(path, str(status)).inc()
+            LATENCY.labels(path).observe(elapsed)
+            who = scope.get("state", {}).get("who", "-")
+            log.info("%s %s %d %.1f ms %s", scope["method"], path, status, elapsed * 1000, who)
+
+
 class BodyLimit:
     """Refuse request bodies over ``max_bytes`` with 413, before they are parsed: at once by
     their Content-Length, and while reading for chunked bodies (which have none)."""
@@ -213,21 +245,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def _fleet(_: Request, exc: FleetError) -> JSONResponse:
         return ApiError(500, str(exc), "server_error", code="fleet_error").response()
 
-    # -- every request: counted, timed, logged (the key's id only, never the key) ---------------
-
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Any) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        elapsed = time.perf_counter() - started
-        REQUESTS.labels(path, str(response.status_code)).inc()
-        LATENCY.labels(path).observe(elapsed)
-        who = getattr(request.state, "who", "-")
-        log.info("%s %s %d %.1f ms %s", request.method, path, response.status_code,
-                 elapsed * 1000, who)  # fmt: skip
-        return response
+    # every request: counted, timed, logged (the key's id only, never the key)
+    app.add_middleware(Observe)
 
     # -- pages and operations -------------------------------------------------------------------
 

@@ -193,6 +193,10 @@ class FairLines:
         raw = self.redis.get(JOB_KEY.format(job_id=job_id))
         return LineJob.from_json(raw) if raw else None
 
+    def has_waiting(self, queue: str) -> bool:
+        """Whether some tenant has a job in its line for ``queue``."""
+        return bool(self.redis.zcard(TURNS_KEY.format(queue=queue)))
+
     def queues(self) -> list[str]:
         return sorted(_text(q) or "" for q in self.redis.smembers(QUEUES_KEY))
 
@@ -247,7 +251,10 @@ class Dispatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._swept = 0.0
+        self._renewed = 0.0
         self.leader = False
+        #: The last round left jobs waiting behind a full queue.
+        self.full = False
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="fair-dispatcher", daemon=True)
@@ -281,17 +288,26 @@ class Dispatcher:
             if away:
                 log.info("fair dispatcher: Redis is back")
                 away = False
-            if not sent:
+            if self.full:  # a new job could not go yet: look for a freed place soon
+                self._stop.wait(self.poll_s)
+            elif not sent:
                 try:  # woken at once by a new job, else look for room again soon
                     self.redis.blpop([NOTIFY_KEY], timeout=self.poll_s)
                 except redis.RedisError:
                     self._stop.wait(self.poll_s)
 
     def _lead(self) -> bool:
+        """Whether this process dispatches: it holds the lock (5 s, renewed after a third of
+        that), or takes it when free."""
         ttl_ms = 5000
+        now = time.monotonic()
+        if self.leader and now - self._renewed < ttl_ms / 3000:
+            return True
         if self.leader and self._renew(keys=[LEADER_KEY], args=[self.token, ttl_ms]):
+            self._renewed = now
             return True
         self.leader = bool(self.redis.set(LEADER_KEY, self.token, nx=True, px=ttl_ms))
+        self._renewed = now
         if self.leader:
             log.info("fair dispatcher: this process dispatches now")
         return self.leader
@@ -306,6 +322,7 @@ class Dispatcher:
             self._swept = now
             self.sweep()
         sent = 0
+        self.full = False
         for queue in self.lines.queues():
             free = self.depth - self.lines.depth(queue)
             while free > 0:
@@ -315,6 +332,8 @@ class Dispatcher:
                 self.send(job)
                 sent += 1
                 free -= 1
+            if free <= 0 and self.lines.has_waiting(queue):
+                self.full = True
         return sent
 
     def send(self, job: LineJob) -> None:

@@ -126,7 +126,7 @@ class Gateway:
                     code="idempotency_conflict",
                 ) from None
             return self.status(tenant, spec.job_id), False
-        log.info("tenant %s: job %s in line for %s (priority %d)", tenant.name, spec.job_id,
+        log.debug("tenant %s: job %s in line for %s (priority %d)", tenant.name, spec.job_id,
                  queue, line_job.priority)  # fmt: skip
         return JobStatus(job_id=spec.job_id, state="queued"), True
 
