@@ -116,7 +116,7 @@ def test_the_sdks_retries_and_a_repeated_idempotency_key_make_no_second_job(
     # Idempotency-Key: each retry must find the first attempt's job.
     impatient = sdk(gateway, key, timeout=0.3, max_retries=2)
     with pytest.raises(openai.APITimeoutError):
-        impatient.images.generate(prompt="slow", size="256x256", extra_body={"steps": 12})
+        impatient.images.generate(prompt="slow", size="192x192", extra_body={"steps": 10})
     listed = httpx.get(gateway.url + "/v1/jobs", headers=auth(key), timeout=10).json()["data"]
     assert len(listed) == 1
     job_id = listed[0]["job_id"]

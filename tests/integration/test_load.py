@@ -1,7 +1,7 @@
 """Load: thousands of the smallest jobs submitted in bulk and drained by two workers.
 
 All complete, none lost, none generated twice (generations counted in the workers' logs), and
-Redis's memory returns to its baseline once the results and claims expire. CI runs 500 jobs;
+Redis's memory returns to its baseline once the results and claims expire. CI runs 300 jobs;
 `scripts/soak` runs 10,000 (FLEET_LOAD_JOBS) and writes the figures to bench/load.json.
 """
 
@@ -26,7 +26,7 @@ from tests.fleet_fixtures import settings_kwargs, wait_until
 
 pytestmark = pytest.mark.integration
 
-JOBS = int(os.environ.get("FLEET_LOAD_JOBS", "500"))
+JOBS = int(os.environ.get("FLEET_LOAD_JOBS", "300"))
 #: Results and claims expire this soon in this test, so memory can be seen to come back.
 TTL_S = 30
 #: Redis's used_memory must come back to within this of its baseline once they expired.

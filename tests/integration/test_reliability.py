@@ -103,7 +103,7 @@ def objects_of(store, job_id: str) -> list[str]:  # type: ignore[no-untyped-def]
     return sorted(store.list_keys(contract.job_prefix(job_id)))
 
 
-@pytest.mark.parametrize("kills", fault_tally.cases(ci=[3], soak_only=[5]))
+@pytest.mark.parametrize("kills", fault_tally.cases(ci=[2], soak_only=[5]))
 def test_killed_pool_child_loses_and_duplicates_nothing(
     start_worker, qclient: Client, store, queue: str, kills: int
 ) -> None:
