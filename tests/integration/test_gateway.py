@@ -247,6 +247,17 @@ def test_keys_are_checked_revoked_at_once_and_tenants_cannot_see_each_other(
         assert "beta" not in seen.text and "prompt" not in seen.text
     assert beta_job not in httpx.get(url, headers=auth(acme_key)).text
 
+    # The operator's CLI sets the tenant's limits; the gateway applies them on the next request.
+    limited = cli("tenants", "set", "beta", "--models", "someone-else", "--rate", "7")
+    assert limited.returncode == 0, limited.stderr
+    assert json.loads(limited.stdout)["rate_per_min"] == 7
+    shown = [json.loads(line) for line in cli("tenants", "list").stdout.splitlines()]
+    assert {"name": "beta", "models": ["someone-else"]}.items() <= next(
+        t for t in shown if t["name"] == "beta").items()  # fmt: skip
+    refused = httpx.post(url, json={"prompt": "x", **SMALL}, headers=auth(beta_key))
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "model_not_allowed"
+    assert cli("tenants", "set", "beta", "--models", "*").returncode == 0
+
     key_id = beta_key.split("_")[1]
     gone = cli("keys", "revoke", key_id)
     assert gone.returncode == 0, gone.stderr
@@ -311,6 +322,10 @@ def test_oversized_and_malformed_bodies_are_refused_and_the_gateway_serves_on(
 
 
 def test_metrics_docs_and_health_answer(gateway: GatewayProcess) -> None:
+    # CORS is off unless configured: a browser on another origin gets no permission.
+    asked = {"Origin": "https://elsewhere.example", "Access-Control-Request-Method": "POST"}
+    preflight = httpx.options(gateway.url + "/v1/jobs", headers=asked)
+    assert "access-control-allow-origin" not in preflight.headers
     metrics = httpx.get(gateway.url + "/metrics").text
     assert "fleet_gateway_requests_total" in metrics
     schema = httpx.get(gateway.url + "/openapi.json").json()

@@ -98,3 +98,25 @@ def test_errors_have_openais_shape_and_say_whether_to_retry():
     assert json.loads(bytes(r.body)) == {"error": {"message": "slow down",
         "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}}  # fmt: skip
     assert ApiError(409, "no").response().headers["x-should-retry"] == "false"
+
+
+def test_cors_answers_only_the_configured_origins():
+    """FLEET_GATEWAY_CORS_ORIGINS turns CORS on for those origins (the app, no services: the
+    preflight is answered by the middleware before any route; off is tested on the real
+    gateway in tests/integration/test_gateway.py)."""
+    from starlette.testclient import TestClient
+
+    from fleet.settings import GatewaySettings
+    from producer.gateway.app import create_app
+
+    app = create_app(GatewaySettings(_env_file=None,
+                                     gateway_cors_origins="https://app.example"))  # fmt: skip
+    client = TestClient(app)  # not entered: no lifespan, so no dispatcher and no Redis
+
+    def preflight(origin: str) -> dict:
+        return dict(client.options("/v1/jobs", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization"}).headers)  # fmt: skip
+
+    assert preflight("https://app.example")["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-origin" not in preflight("https://elsewhere.example")
