@@ -202,18 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    if args.command in ("serve", "keys", "tenants"):
-        from producer.gateway import admin  # the gateway's parts load only for its commands
-
-        try:
-            return admin.run(args, out)
-        except (BrokerRefused, BrokerUnavailable, BrokerMisconfigured) as exc:
-            err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-            return EXIT_BROKER
-        except FleetError as exc:
-            err.print(f"[red]error:[/red] {escape(str(exc))}")
-            return EXIT_FAILED
     try:
+        if args.command in ("serve", "keys", "tenants"):
+            from producer.gateway import admin  # the gateway's parts load only for its commands
+
+            return admin.run(args, out)
         with Client(ProducerSettings()) as client:
             if args.command == "submit":
                 return cmd_submit(client, args, out, err)
