@@ -112,7 +112,7 @@ def sdxl(sdxl_model: Path) -> dict:
     out = e.generate(job(side=128, steps=4, images=2))
     return {
         "pipeline": type(e.pipe).__name__,
-        "sizes": [im.size for im in out.images],
+        "sizes": [list(im.shape) for im in out.images],
         "device": e.describe()["device"],
     }
 
@@ -139,7 +139,7 @@ def balanced(medium: Path) -> dict:
         "max_memory_gpu0": cap,
         "hf_device_map": dmap,
         "manifest_device_map": info["hf_device_map"],
-        "generated": out.images[0].size,
+        "generated": list(out.images[0].shape),
         "hf_device_map_after_reset": after_reset,
     }
 

@@ -21,10 +21,11 @@ from fleet.settings import WorkerSettings
 from fleet.storage import ObjectStore
 from worker.engine.batcher import Batcher
 from worker.engine.engine import Engine, Generated, StepCallback
-from worker.engine.recipe import build_manifest, image_recipe, png_bytes, read_png_nsfw
+from worker.engine.recipe import build_manifest, image_recipe, read_png_nsfw
 from worker.policies import oom_fallback
-from worker.records import clear_failure, raw_failure_manifest, write_failure
+from worker.records import raw_failure_manifest, write_failure
 from worker.spool import Spool
+from worker.storer import ImageOut, StoreJob, StoringChild, store_job
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class JobRunner:
         store: ObjectStore,
         batcher: Batcher | None = None,
         gives_back: bool = False,
+        storer: StoringChild | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -70,6 +72,8 @@ class JobRunner:
         #: A queue worker gives a job back on a worker error (it is not the job's failure);
         #: a one-shot run has no queue to give it back to, so it records the failure.
         self.gives_back = gives_back
+        #: With a storing child (FLEET_STORE_PROCESS), PNG encoding and uploads happen there.
+        self.storer = storer
 
     def run(
         self,
@@ -121,18 +125,18 @@ class JobRunner:
         seed_derived = isinstance(job, dict) and "seed" not in job
 
         try:
-            pngs, worker_info, timings = self._generate(spec, jlog, on_progress, is_cancelled)
+            images, worker_info, timings = self._generate(spec, jlog, on_progress, is_cancelled)
             if node:
                 worker_info["node"] = node  # the Celery node name, e.g. gpu0@host
             try:
                 result = self._store(
-                    spec, pngs, worker_info, timings, started, jlog,
+                    spec, images, worker_info, timings, started, jlog,
                     clear=not first_attempt, seed_derived=seed_derived,
                 )  # fmt: skip
             except StorageError:
                 # Retried by the task with backoff; the spool keeps the images meanwhile, so
                 # they are not generated again (written only now: the usual path skips disk).
-                self.spool.write(spec, pngs)
+                self.spool.write(spec, [image.encoded() for image in images])
                 raise
         except JobCancelled as exc:
             self.engine.release_memory()
@@ -191,13 +195,16 @@ class JobRunner:
         jlog: JobLog,
         on_progress: ProgressCallback | None,
         is_cancelled: Callable[[], bool] | None = None,
-    ) -> tuple[list[bytes], dict[str, Any], dict[str, float]]:
+    ) -> tuple[list[ImageOut], dict[str, Any], dict[str, float]]:
+        """The job's images (pixels with their recipes; PNGs when they come from the spool),
+        what generated them, and the timings."""
         cached = self.spool.read(spec)
         self.engine.setup()
         worker_info = self.engine.describe()
         if cached is not None:
             jlog.info("reusing %d image(s) generated before storage failed", len(cached))
-            return cached, worker_info, {"generate_s": 0.0, "reused_from_spool": 1.0}
+            reused = [ImageOut(recipe={}, nsfw=read_png_nsfw(data), png=data) for data in cached]
+            return reused, worker_info, {"generate_s": 0.0, "reused_from_spool": 1.0}
 
         step_cb = self._step_reporter(spec, on_progress, is_cancelled)
         queue_wait = time.time() - spec.submitted_at if spec.submitted_at else None
@@ -217,15 +224,15 @@ class JobRunner:
         revision, dtype = self.settings.model_revision, worker_info.get("dtype")
         no_checker: list[bool | None] = [None] * len(generated.images)
         flags = generated.nsfw if generated.nsfw is not None else no_checker
-        pngs = [
-            png_bytes(image, image_recipe(spec, seed, model, revision, dtype), nsfw=flag)
-            for image, seed, flag in zip(generated.images, generated.seeds, flags, strict=True)
+        images = [
+            ImageOut(image_recipe(spec, seed, model, revision, dtype), flag, pixels=pixels)
+            for pixels, seed, flag in zip(generated.images, generated.seeds, flags, strict=True)
         ]
-        jlog.info("generated %d image(s) in %.2f s", len(pngs), generated.timings["generate_s"])
+        jlog.info("generated %d image(s) in %.2f s", len(images), generated.timings["generate_s"])
         timings = dict(generated.timings)
         if queue_wait is not None:
             timings["queue_wait_s"] = max(0.0, queue_wait)
-        return pngs, worker_info, timings
+        return images, worker_info, timings
 
     def generate_shrinking(
         self, spec: JobSpec, step_cb: StepCallback | None, jlog: JobLog
@@ -268,7 +275,7 @@ class JobRunner:
     def _store(
         self,
         spec: JobSpec,
-        pngs: list[bytes],
+        images: list[ImageOut],
         worker_info: dict[str, Any],
         timings: dict[str, float],
         started: float,
@@ -276,17 +283,18 @@ class JobRunner:
         clear: bool = True,
         seed_derived: bool = False,
     ) -> dict[str, Any]:
+        """Store the images, then the manifest (here, or in the storing child); the result."""
         prefix = self.prefix(spec)
-        flags = [read_png_nsfw(data) for data in pngs]  # the checker's verdicts, kept in the PNGs
+        flags = [image.nsfw for image in images]  # the checker's verdicts (kept in the PNGs)
         safety = self._safety(flags, jlog)
         dropped = set(safety["dropped"]) if safety else set()
-        upload_started = time.perf_counter()
         records: list[contract.ImageRecord] = []
-        for index, (data, seed) in enumerate(zip(pngs, spec.seeds(), strict=True)):
+        uploads: list[tuple[str, ImageOut]] = []
+        for index, (image, seed) in enumerate(zip(images, spec.seeds(), strict=True)):
             if index in dropped:
                 continue
             key = contract.image_key(spec.job_id, index, prefix)
-            self.store.put_bytes(key, data, "image/png")
+            uploads.append((key, image))
             records.append(
                 contract.ImageRecord(
                     index=index,
@@ -297,12 +305,10 @@ class JobRunner:
                     nsfw=flags[index],
                 )
             )
-        timings = {**timings, "upload_s": time.perf_counter() - upload_started}
         tokens = self.engine.prompt_tokens(spec)
         if tokens["truncated"]:
             jlog.warning("the prompt is longer than a text encoder reads; it was cut: %s",
                          _cut_summary(tokens))  # fmt: skip
-        timings["total_s"] = time.perf_counter() - started
         mkey = contract.manifest_key(spec.job_id, prefix)
         result = JobResult(
             job_id=spec.job_id,
@@ -327,13 +333,24 @@ class JobRunner:
         manifest.update(prompt_truncated=tokens["truncated"], prompt_tokens=tokens, safety=safety)
         manifest["result"] = result.model_dump(mode="json")
         # The manifest goes last: its presence with status "succeeded" marks the job complete.
-        self.store.put_json(mkey, manifest)
-        if clear:  # a job that failed before and now succeeded leaves the failure index
-            clear_failure(self.store, prefix, spec.job_id)
-        jlog.info("stored %d image(s) and %s in %.2f s", len(records), mkey, timings["upload_s"])
+        # A job that failed before and now succeeded leaves the failure index (clear).
+        job = StoreJob(job_id=spec.job_id, images=uploads, manifest_key=mkey, manifest=manifest,
+                       clear_prefix=prefix if clear else None,
+                       elapsed_s=time.perf_counter() - started)  # fmt: skip
+        if self.storer is not None:
+            _, hard = contract.time_limits(
+                spec, self.settings.job_time_base_s, self.settings.job_time_per_mpx_step_s
+            )
+            stored = self.storer.store_job(job, timeout_s=hard)
+        else:
+            stored = store_job(self.store, job)
+        jlog.info("stored %d image(s) and %s in %.2f s (PNG encoding %.2f s)", len(records),
+                  mkey, stored["upload_s"], stored["encode_s"])  # fmt: skip
         # Keys only: a presigned URL is a bearer credential, and results are logged ("Task ...
         # succeeded") and kept for days. Clients presign when they read (status, wait, webhook).
-        return result.model_dump(mode="json")
+        out = result.model_dump(mode="json")
+        out["timings"] = {**out["timings"], **stored}
+        return out
 
     def _safety(self, flags: list[bool | None], jlog: JobLog) -> dict[str, Any] | None:
         """What the safety checker said and what FLEET_SAFETY_POLICY does with it: flag keeps

@@ -85,7 +85,14 @@ def get_runner() -> JobRunner:
             batcher = Batcher(engine, settings.batch_size, settings.batch_wait_s)
         store = ObjectStore(settings)
         store.verified = _storage_verified
-        _runner = JobRunner(settings, engine, store, batcher, gives_back=True)
+        storer = None
+        if settings.store_process == "child" or (
+            settings.store_process == "auto" and batcher is not None
+        ):
+            from worker.storer import StoringChild
+
+            storer = StoringChild(settings, store)
+        _runner = JobRunner(settings, engine, store, batcher, gives_back=True, storer=storer)
     return _runner
 
 

@@ -49,7 +49,8 @@ class FailingPipe:
 
 def test_images_have_the_size_and_seeds_of_the_job(engine: Engine) -> None:
     out = engine.generate(job(width=96, height=64, images=3, seed=7))
-    assert [im.size for im in out.images] == [(96, 64)] * 3
+    assert [im.shape for im in out.images] == [(64, 96, 3)] * 3  # HxWxC uint8 pixels
+    assert all(im.dtype == np.uint8 for im in out.images)
     assert out.seeds == [7, 8, 9]
 
 
@@ -120,7 +121,7 @@ def test_an_sdxl_shaped_pipeline_runs_through_the_same_engine(tmp_path: Path) ->
     out = e.generate(job(images=2, seed=3, negative_prompt="blurry", scheduler="euler_a"))
     assert type(e.pipe).__name__ == "StableDiffusionXLPipeline"
     assert e.pipe.text_encoder_2 is not None
-    assert [im.size for im in out.images] == [(64, 64), (64, 64)]
+    assert [im.shape for im in out.images] == [(64, 64, 3), (64, 64, 3)]
     again = e.generate(job(images=2, seed=3, negative_prompt="blurry", scheduler="euler_a"))
     assert np.asarray(again.images[1]).tobytes() == np.asarray(out.images[1]).tobytes()
 

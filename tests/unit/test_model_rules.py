@@ -209,7 +209,7 @@ def test_flow_matching_models_take_only_the_default_scheduler(
         assert "flow matching" in str(error) and str(error).endswith("choose one of: default")
         with pytest.raises(JobValidationError, match="scheduler"):
             engine.scheduler_for(name)
-    assert engine.generate(job(scheduler="default")).images[0].size == (64, 64)
+    assert engine.generate(job(scheduler="default")).images[0].shape == (64, 64, 3)
 
 
 def test_sd_keeps_every_contract_scheduler(engines: dict[str, Engine]) -> None:
@@ -232,7 +232,7 @@ def test_flux_refuses_sizes_it_would_resize_naming_width_height_and_the_multiple
     assert [p[0] for p in error.problems] == ["width", "height"]
     assert f"multiple of {multiple}" in str(error) and "resize" in str(error)
     image = engine.generate(job(width=multiple * 5, height=multiple * 4)).images[0]
-    assert image.size == (multiple * 5, multiple * 4)
+    assert image.shape == (multiple * 4, multiple * 5, 3)
 
 
 def test_sd3_names_the_side_its_own_checks_refuse_and_the_end_of_its_embedding(
@@ -250,7 +250,7 @@ def test_sd3_names_the_side_its_own_checks_refuse_and_the_end_of_its_embedding(
         reference(own, job(width=top + multiple), **sequence_length(own))
     error = refused(engine, job(width=top + multiple))
     assert error.problems[0][0] == "width" and f"at most {top}" in str(error)
-    assert engine.generate(job(width=multiple * 5)).images[0].size == (multiple * 5, 64)
+    assert engine.generate(job(width=multiple * 5)).images[0].shape == (64, multiple * 5, 3)
 
 
 def test_flux_refuses_a_negative_prompt_it_would_ignore_and_sd3_honours_it(

@@ -75,7 +75,8 @@ def test_env_example_lists_every_setting() -> None:
 
 
 #: Probe values for settings that accept only some strings (the generic "probe" is refused).
-PROBES = {"FLEET_S3_PUBLIC_ENDPOINT_URL": "https://images.example.com"}
+PROBES = {"FLEET_S3_PUBLIC_ENDPOINT_URL": "https://images.example.com",
+          "FLEET_WARMUP_SHAPES": "512x512x4"}  # fmt: skip
 
 
 def _probe_value(annotation: object, default: object) -> str:

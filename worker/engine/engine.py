@@ -29,7 +29,7 @@ from fleet.errors import (
 from fleet.settings import WorkerSettings
 from worker.engine.placement import Placement
 from worker.engine.rules import model_rules
-from worker.engine.speed import apply_speed_settings
+from worker.engine.speed import apply_speed_settings, compiled_graphs
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,28 @@ def out_of_host_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _HOST_OOM_MARKERS)
 
 
+def uint8_images(images: Any) -> list[Any]:
+    """The pipeline's images as HxWxC uint8 numpy arrays, the pixels diffusers'
+    ``numpy_to_pil`` would give (``(x * 255).round()`` in float32): from ``output_type="pt"``
+    tensors (BxCxHxW in [0, 1]), converted on their device, so one uint8 copy per call crosses
+    to the host; or from numpy arrays or PIL images, for pipelines that give those."""
+    import numpy as np
+
+    if isinstance(images, torch.Tensor):
+        pixels = images.float().mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        host = pixels.cpu().numpy()
+        return [host[i] for i in range(host.shape[0])]
+    if isinstance(images, np.ndarray):
+        batch = images if images.ndim == 4 else images[None, ...]
+        host = (batch * 255).round().astype("uint8")
+        return [host[i] for i in range(host.shape[0])]
+    return [np.asarray(im)[..., None] if im.mode == "L" else np.asarray(im) for im in images]
+
+
 @dataclass
 class Generated:
-    """Images of one job with the seeds that made them and how long it took."""
+    """Images of one job (HxWxC uint8 arrays, see uint8_images) with the seeds that made them
+    and how long it took."""
 
     images: list[Any]
     seeds: list[int]
@@ -110,6 +129,10 @@ class Engine:
         self.speed: dict[str, Any] = {}
         #: What the loaded model can honour (derived at setup; published in describe()).
         self.rules: ModelRules | None = None
+        #: Graphs torch.compile had made after the warm-up (FLEET_COMPILE), and how many jobs'
+        #: calls compiled since (shapes FLEET_WARMUP_SHAPES did not cover).
+        self._graphs = 0
+        self.recompiles = 0
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -142,16 +165,41 @@ class Engine:
             log.info("model ready in %.2f s: %s", self.load_seconds, type(pipe).__name__)
 
     def _warm_up(self) -> None:
-        """One small generation so torch.compile compiles before the first job."""
+        """Generate once at each FLEET_WARMUP_SHAPES call (else one small one), two steps, so
+        torch.compile compiles for them before the first job; records the time and graphs."""
         side = self._probe_side()
+        shapes = self.settings.warmup_calls() or [(side, side, 1)]
         # Guidance above 1 (two passes a step with classifier-free guidance), as most jobs ask.
         guidance = 1.0 if self.rules is not None and self.rules.guidance == "none" else 7.5
-        spec = JobSpec(prompt="warm-up", width=side, height=side, steps=2, guidance=guidance)
         started = time.perf_counter()
-        self.pipe.scheduler = self.scheduler_for("default")
-        with torch.inference_mode():
-            self.pipe(**self.batch_kwargs([spec]))
-        log.info("compiled and warmed up in %.1f s", time.perf_counter() - started)
+        for width, height, images in shapes:
+            spec = JobSpec(prompt="warm-up", width=width, height=height, steps=2,
+                           guidance=guidance, images=images)  # fmt: skip
+            t = time.perf_counter()
+            self.pipe.scheduler = self.scheduler_for("default")
+            with torch.inference_mode():
+                self.pipe(**self.batch_kwargs([spec]))
+            log.info("warmed up %dx%d, %d image(s) a call, in %.1f s", width, height, images,
+                     time.perf_counter() - t)  # fmt: skip
+        self.speed["compile_warmup_s"] = round(time.perf_counter() - started, 2)
+        self.speed["warmup_shapes"] = [f"{w}x{h}x{n}" for w, h, n in shapes]
+        self._graphs = compiled_graphs()
+        self.speed["graphs_after_warmup"] = self._graphs
+        log.info("compiled and warmed up in %.1f s (%d graphs)",
+                 self.speed["compile_warmup_s"], self._graphs)  # fmt: skip
+
+    def _count_compiles(self, specs: list[JobSpec]) -> None:
+        """After a call, with FLEET_COMPILE: warn when it compiled (a shape not warmed up)."""
+        now = compiled_graphs()
+        if now > self._graphs:
+            first = specs[0]
+            log.warning("job %s compiled %d new graph(s) (%dx%d, %d image(s) a call): add "
+                        "%dx%dx%d to FLEET_WARMUP_SHAPES so that no job pays a compile",
+                        first.job_id, now - self._graphs, first.width, first.height,
+                        first.images * len(specs), first.width, first.height,
+                        first.images * len(specs))  # fmt: skip
+            self.recompiles += now - self._graphs
+            self._graphs = now
 
     def self_test(self) -> None:
         """Generate one small image with two steps, as a job would; raises when the pipeline or
@@ -169,6 +217,11 @@ class Engine:
         multiple = math.lcm(8, self.rules.side_multiple if self.rules is not None else 8)
         return -(-side // multiple) * multiple
 
+    def _speed(self) -> dict[str, Any]:
+        if not self.settings.compile:
+            return dict(self.speed)
+        return {**self.speed, "compiles_after_warmup": self.recompiles}
+
     def describe(self) -> dict[str, Any]:
         """What this worker is: host, device, dtype, versions (for manifests and status)."""
         import diffusers
@@ -185,7 +238,7 @@ class Engine:
             "python": platform.python_version(),
             "torch_threads": torch.get_num_threads(),
             "load_seconds": self.load_seconds,
-            "speed": self.speed,
+            "speed": self._speed(),
             "rules": self.rules.model_dump(mode="json") if self.rules is not None else None,
         }
         if self.placement is not None:
@@ -212,6 +265,7 @@ class Engine:
         try:
             with self._calls, torch.inference_mode():
                 out = self.pipe(**self.batch_kwargs(specs, on_step))
+                images = uint8_images(out.images)  # one copy to the host for the whole call
         except (SoftTimeLimitExceeded, JobCancelled):
             self.release_memory()  # the interrupted call's activations stay cached otherwise
             raise  # recorded as a timeout / a cancellation by the caller
@@ -235,7 +289,8 @@ class Engine:
         except Exception as exc:
             raise self._worker_or_job_failure(exc, specs) from exc
         elapsed = time.perf_counter() - started
-        images = list(out.images)
+        if self.settings.compile:
+            self._count_compiles(specs)
         per_job = specs[0].images
         total = per_job * len(specs)
         # StableDiffusionSafetyChecker's verdicts, one per image (None without a checker).
@@ -341,7 +396,9 @@ class Engine:
                 for s in specs
                 for seed in s.seeds()
             ],
-            "output_type": "pil",
+            # Tensors, turned into uint8 on the device (uint8_images): PIL images would be
+            # made here, in the process that launches the kernels, for nothing.
+            "output_type": "pt",
         }
         if on_step is not None:
             total = first.steps

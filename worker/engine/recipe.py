@@ -30,9 +30,12 @@ def image_recipe(
     return recipe
 
 
-def png_bytes(image: Image.Image, recipe: dict[str, Any], nsfw: bool | None = None) -> bytes:
-    """Encode ``image`` as PNG with the recipe in a text chunk (no timestamps, so bytes repeat),
-    and the safety checker's verdict in another when the pipeline has a checker."""
+def png_bytes(image: Any, recipe: dict[str, Any], nsfw: bool | None = None) -> bytes:
+    """Encode ``image`` (a PIL image, or the engine's HxWxC uint8 array) as PNG with the recipe
+    in a text chunk (no timestamps, so bytes repeat), and the safety checker's verdict in
+    another when the pipeline has a checker."""
+    if not isinstance(image, Image.Image):
+        image = pil_image(image)
     info = PngInfo()
     info.add_text(PNG_RECIPE_KEY, json.dumps(recipe, sort_keys=True, ensure_ascii=False))
     if nsfw is not None:
@@ -40,6 +43,14 @@ def png_bytes(image: Image.Image, recipe: dict[str, Any], nsfw: bool | None = No
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
+
+
+def pil_image(pixels: Any) -> Image.Image:
+    """An HxWxC uint8 array as a PIL image, as diffusers' ``numpy_to_pil`` makes it (one
+    channel: mode L)."""
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        return Image.fromarray(pixels[..., 0], mode="L")
+    return Image.fromarray(pixels)
 
 
 def read_png_recipe(data: bytes) -> dict[str, Any]:

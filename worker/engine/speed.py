@@ -47,13 +47,35 @@ def apply_speed_settings(pipe: Any, settings: WorkerSettings, device: str) -> di
     if settings.compile:
         if net is None:
             raise ConfigurationError("FLEET_COMPILE: this pipeline has no unet or transformer")
-        compiled = torch.compile(net, backend=settings.compile_backend)
-        if hasattr(pipe, "unet") and pipe.unet is not None:
-            pipe.unet = compiled
+        options: dict[str, Any] = {"backend": settings.compile_backend}
+        if settings.compile_mode:
+            options["mode"] = settings.compile_mode
+        if settings.compile_scope == "regional":
+            try:  # diffusers' regional compilation: each repeated block, compiled in place
+                net.compile_repeated_blocks(**options)
+            except (AttributeError, ValueError) as exc:
+                raise ConfigurationError(
+                    f"FLEET_COMPILE_SCOPE=regional: {type(net).__name__} has no repeated blocks "
+                    f"to compile ({exc}); use FLEET_COMPILE_SCOPE=full"
+                ) from exc
         else:
-            pipe.transformer = compiled
+            compiled = torch.compile(net, **options)
+            if hasattr(pipe, "unet") and pipe.unet is not None:
+                pipe.unet = compiled
+            else:
+                pipe.transformer = compiled
         applied["compile"] = settings.compile_backend
+        applied["compile_scope"] = settings.compile_scope
+        if settings.compile_mode:
+            applied["compile_mode"] = settings.compile_mode
     return applied
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _sdpa_attention(pipe: Any, net: Any) -> dict[str, Any]:
