@@ -95,7 +95,17 @@ SECRETS: tuple[Secret, ...] = (
         from_env("HF_TOKEN", "FLEET_HF_TOKEN"),
         provide=("HF_TOKEN", _fresh("hf_")),
     ),
+    # The HTTP gateway's API keys are made by `producer keys create`, which prints a key once
+    # (that output alone is not searched); the test's fixture keeps the key it made, and a
+    # second one it revoked, in GATEWAY_API_KEYS (space-separated). Their secret parts are
+    # looked for too: a log that dropped the `dfk_<id>_` head would still leak the key.
+    Secret("gateway API key", lambda env: _api_keys(env.get("GATEWAY_API_KEYS", ""))),
 )
+
+
+def _api_keys(text: str) -> list[str]:
+    keys = text.split()
+    return keys + [k.split("_", 2)[2] for k in keys if k.count("_") >= 2]  # dfk_<id>_<secret>
 
 
 def provided() -> dict[str, str]:

@@ -29,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote, urlunsplit
 
+import httpx
 import pytest
 import redis
 
@@ -41,6 +42,7 @@ from producer.client import Client
 from tests import secrets_registry
 from tests.conftest import own_fleet_env
 from tests.fleet_fixtures import REPO, WorkerProcess, settings_kwargs, wait_until, worker_command
+from tests.gateway_fixtures import GatewayProcess
 from tests.secrets_registry import Artifact
 
 pytestmark = pytest.mark.integration
@@ -134,6 +136,7 @@ class Secured:
     logs: Path
     receiver: Receiver
     started: list[WorkerProcess] = field(default_factory=list)
+    gateway: GatewayProcess | None = None
 
     @property
     def port(self) -> int:
@@ -156,6 +159,7 @@ def secured(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     endpoints = services.start()
     receiver = Receiver()
     workers: list[WorkerProcess] = []
+    fleet: Secured | None = None
     try:
         services.redis.client().config_set("requirepass", PASSWORD)
         logs = root / "logs"
@@ -174,10 +178,22 @@ def secured(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         workers.append(hooks)
         hooks.start()
         fleet = Secured(services, env, gen, hooks, logs, receiver, workers)
+        # The HTTP gateway, with a key it takes and one revoked (made by the CLI, as operators
+        # do; `keys create` prints the key once, the only output not searched for it).
+        gateway = fleet.gateway = GatewayProcess(env, logs / "gateway.log")
+        made = []
+        for label in ("used", "revoked"):
+            out = run(env, "producer", "keys", "create", "--tenant", "sec", "--label", label)
+            assert out.returncode == 0, out.stderr
+            made.append(out.stdout.split()[0])
+        env["GATEWAY_API_KEYS"] = " ".join(made)
+        gateway.start()
         wait_until(lambda: run(env, "worker", "check", "--node", gen.node).returncode == 0, 120,
                    "the generating worker ready")  # fmt: skip
         yield fleet
     finally:
+        if fleet is not None and fleet.gateway is not None:
+            fleet.gateway.stop()
         for w in workers:
             w.stop()
         receiver.close()
@@ -367,6 +383,30 @@ def test_no_secret_appears_in_anything_the_fleet_leaves_behind(secured: Secured)
                        "--model", "not-served", "--wait", "--json"))  # fmt: skip
     assert nobody.returncode == 1 and json.loads(nobody.stdout)[0]["state"] == "failed"
 
+    # The HTTP gateway: a job with the key, the revoked key, a forged secret, keys listed.
+    assert secured.gateway is not None
+    used, revoked = env["GATEWAY_API_KEYS"].split()
+    listed = c.run(run(env, "producer", "keys", "revoke", revoked.split("_")[1]))
+    assert listed.returncode == 0, listed.stderr
+    head, _, secret = used.partition("_")[2].partition("_")  # dfk_<id>_<secret>
+    forged = f"dfk_{head}_{secrets.token_urlsafe(32)}"
+    with httpx.Client(base_url=secured.gateway.url, timeout=60) as http:
+        posted = http.post("/v1/jobs", json={"prompt": "a fox at the gate", **ONE_LINE},
+                           headers={"Authorization": f"Bearer {used}"})  # fmt: skip
+        assert posted.status_code == 202, posted.text
+        job_id = posted.json()["job_id"]
+        wait_until(lambda: http.get(f"/v1/jobs/{job_id}", headers={
+            "Authorization": f"Bearer {used}"}).json()["state"] == "succeeded", 120,
+            "the gateway's job done")  # fmt: skip
+        shown = http.get(f"/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {used}"})
+        c.add(Artifact.CLI_OUTPUT, "GET /v1/jobs/{id}", shown.text)
+        for key in (revoked, forged, f"dfk_0123456789ab_{secret}"):
+            denied = http.post("/v1/jobs", json={"prompt": "x", **ONE_LINE},
+                               headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+            assert denied.status_code == 401, denied.text
+            c.add(Artifact.ERRORS, "POST /v1/jobs with a bad key", denied.text)
+    c.run(run(env, "producer", "keys", "list"))
+
     # A worker the storage refuses (a wrong S3 secret): it takes no job and says why.
     refused_q = "fleet.refused-s3"
     wrong_s3 = {"FLEET_S3_SECRET_ACCESS_KEY": "wrong-" + uuid.uuid4().hex}
@@ -432,6 +472,8 @@ def test_no_secret_appears_in_anything_the_fleet_leaves_behind(secured: Secured)
     for w in secured.started:  # the generating and webhooks workers among them
         c.add(Artifact.LOGS, f"worker log {w.log_path.name}", w.log())
     c.add(Artifact.LOGS, "worker log redis-refused.log", log_path.read_bytes())
+    c.add(Artifact.LOGS, "gateway log", secured.gateway.log())
+    assert "tenant=sec" in secured.gateway.log()  # it logged the requests it served
     for headers, body in hook.requests:
         c.add(Artifact.WEBHOOKS, f"webhook {headers.get('X-Fleet-Job-Id')}",
               json.dumps(headers) + "\n" + body.decode())  # fmt: skip
