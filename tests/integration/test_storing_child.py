@@ -52,7 +52,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
     proxy = StorageProxy(ep.s3_endpoint_url).start()
     endpoints = {**ep.env(), "FLEET_S3_ENDPOINT_URL": proxy.url}
     env = own_fleet_env(endpoints, tiny_model, FLEET_STORE_PROCESS="child",
-                        FLEET_SPOOL_DIR=str(base / "spool"))  # fmt: skip
+                        FLEET_SPOOL_DIR=str(base / "spool"), FLEET_S3_MAX_ATTEMPTS="2",
+                        FLEET_STORAGE_RETRY_BACKOFF_MAX_S="2",
+                        FLEET_STORAGE_RETRY_WINDOW_S="20")  # fmt: skip
     w = WorkerProcess(f"storer-{uuid.uuid4().hex[:4]}@localhost", env, base / "w.log",
                       pool="threads", concurrency=2)  # fmt: skip
     try:
@@ -130,3 +132,27 @@ def test_a_storing_child_killed_mid_upload_loses_and_duplicates_nothing(fleet: C
     # The worker keeps serving through its new child.
     after = fleet.client.submit(JobSpec(prompt="after the kill", width=64, height=64, steps=2))
     assert after.wait(timeout=60).state == "succeeded"
+
+
+def test_s3_answering_slowdown_to_the_child_is_retried_from_the_spool(fleet: ChildFleet) -> None:
+    """The child's StorageError crosses back as one: the task retries with backoff, the PNGs
+    kept in the spool meanwhile, and the retry stores them without generating again."""
+    before = fleet.proxy.snapshot()
+    fleet.proxy.slowdown(for_s=5.0)  # 503 SlowDown for 5 s: both of boto3's attempts fail
+    try:
+        ids = [h.job_id for h in fleet.client.submit_many(
+            [JobSpec(prompt=f"a quay in the rain, {i}", width=64, height=64, steps=2)
+             for i in range(2)])]  # fmt: skip
+        fig = tally("storing-child-slowdown", fleet.client, ids, lambda: [fleet.worker.log()],
+                    timeout=120)  # fmt: skip
+    finally:
+        fleet.proxy.clear()
+    assert_clean(fig)
+    assert fleet.proxy.snapshot().slowed_down > before.slowed_down
+    log = fleet.worker.log()
+    retried = [j for j in ids if any(f"[job={j}" in ln and "storage unavailable" in ln
+                                     for ln in log.splitlines())]  # fmt: skip
+    assert retried, "no job met the SlowDown: the case tested nothing"
+    for job_id in retried:
+        assert any(f"[job={job_id} " in ln and "reusing 1 image(s) generated before storage "
+                   "failed" in ln for ln in log.splitlines()), job_id  # fmt: skip
