@@ -87,6 +87,11 @@ def step_key(queue: str, step: int) -> str:
     return f"{queue}{PRIORITY_SEP}{step}" if step else queue
 
 
+#: kombu's Redis transport keeps each message a worker took and has not acknowledged here (a
+#: hash: delivery tag -> [message, exchange, routing key]).
+UNACKED_KEY = "unacked"
+
+
 def queue_keys(queue: str) -> list[str]:
     """The Redis lists holding a queue's messages, in the order workers read them."""
     return [step_key(queue, step) for step in WORKER_READ_ORDER]

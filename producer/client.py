@@ -394,7 +394,26 @@ class Client:
                 placed[st.job_id] = st.model_copy(
                     update={"ahead": ahead, "detail": f"{ahead} ahead in {queue}"}
                 )
+        unplaced = [s.job_id for s in queued if s.job_id not in placed]
+        for job_id in self.reserved(unplaced):
+            st = next(s for s in queued if s.job_id == job_id)
+            placed[job_id] = st.model_copy(
+                update={"ahead": 0, "detail": "reserved by a worker: it starts next there"}
+            )
         return [placed.get(s.job_id, s) for s in statuses]
+
+    def reserved(self, job_ids: list[str], limit: int = POSITION_SCAN_LIMIT) -> set[str]:
+        """Which of these jobs a worker holds reserved, taken from its queue but not started
+        (kombu's ``unacked`` hash; not read when it holds more than ``limit`` messages)."""
+        if not job_ids or self.redis.hlen(contract.UNACKED_KEY) > limit:
+            return set()
+        wanted = set(job_ids)
+        found: set[str] = set()
+        for raw in self.redis.hvals(contract.UNACKED_KEY):
+            match = _MESSAGE_ID.search(raw)
+            if match and match.group(1).decode() in wanted:
+                found.add(match.group(1).decode())
+        return found
 
     def _from_manifest(self, job_id: str, prefix: str | None = None) -> JobStatus | None:
         where = self.settings.s3_prefix if prefix is None else prefix

@@ -374,4 +374,4 @@ class Dispatcher:
             for raw in self.redis.lrange(key, 0, 999):
                 if needle in raw:
                     return True
-        return any(needle in raw for raw in self.redis.hvals("unacked"))
+        return any(needle in raw for raw in self.redis.hvals(contract.UNACKED_KEY))

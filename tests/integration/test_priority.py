@@ -39,3 +39,31 @@ def test_high_priority_overtakes_queued_low_priority_jobs(start_worker, fleet_en
         assert order[0] == high.job_id
         assert order[1] == normal.job_id
         assert order[2:] == [h.job_id for h in low]  # first in, first out within a priority
+
+
+def test_a_job_a_worker_reserved_reads_as_next_not_as_an_unknown_place(fleet_env: dict) -> None:
+    """A job taken from its queue by a consumer that has not acknowledged it (kombu's unacked
+    hash: a worker's prefetched message) is no longer in any queue list: its place is 0, next
+    at that worker, not unknown."""
+    queue = f"reserve-{uuid.uuid4().hex[:6]}"
+    settings = ProducerSettings(
+        _env_file=None, **settings_kwargs({**fleet_env, "FLEET_QUEUE": queue})
+    )
+    with Client(settings) as client:
+        first, second = client.submit_many([JobSpec(prompt=f"reserved {i}", steps=2)
+                                            for i in range(2)])  # fmt: skip
+        [a, b] = client.with_queue_positions([client.status(first.job_id),
+                                              client.status(second.job_id)])  # fmt: skip
+        assert (a.ahead, b.ahead) == (0, 1)
+        with client.celery.connection_for_read() as conn:
+            channel = conn.channel()
+            taken = channel.basic_get(queue, no_ack=False)  # as a worker's prefetch takes it
+            assert taken is not None and taken.headers["id"] == first.job_id
+            try:
+                [a, b] = client.with_queue_positions([client.status(first.job_id),
+                                                      client.status(second.job_id)])  # fmt: skip
+                assert a.state == "queued" and a.ahead == 0 and "reserved" in (a.detail or "")
+                assert b.ahead == 0  # the job before it left the queue list
+            finally:
+                taken.ack()
+                channel.close()
