@@ -201,6 +201,7 @@ class JobRunner:
         cached = self.spool.read(spec)
         self.engine.setup()
         worker_info = self.engine.describe()
+        worker_info["store_process"] = "child" if self.storer is not None else "inline"
         if cached is not None:
             jlog.info("reusing %d image(s) generated before storage failed", len(cached))
             reused = [ImageOut(recipe={}, nsfw=read_png_nsfw(data), png=data) for data in cached]

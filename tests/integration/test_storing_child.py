@@ -82,6 +82,8 @@ def test_the_storing_childs_pngs_are_the_bytes_the_pipelines_pil_images_give(
     st = handle.wait(timeout=120)
     assert st.state == "succeeded", st
     assert st.result is not None and len(st.result.images) == 2
+    manifest = fleet.client.store.get_json(contract.manifest_key(handle.job_id))
+    assert manifest is not None and manifest["worker"]["store_process"] == "child"
     pids = fleet.child_pids()
     assert pids, "the worker stored without a storing child"
     assert "PNG encoding" in fleet.worker.log()

@@ -52,7 +52,7 @@ def apply_speed_settings(pipe: Any, settings: WorkerSettings, device: str) -> di
             options["mode"] = settings.compile_mode
         if settings.compile_scope == "regional":
             try:  # diffusers' regional compilation: each repeated block, compiled in place
-                net.compile_repeated_blocks(**options)
+                net.compile_repeated_blocks(fullgraph=True, **options)
             except (AttributeError, ValueError) as exc:
                 raise ConfigurationError(
                     f"FLEET_COMPILE_SCOPE=regional: {type(net).__name__} has no repeated blocks "
