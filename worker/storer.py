@@ -22,6 +22,7 @@ import itertools
 import logging
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -253,6 +254,11 @@ def serve(conn: Connection) -> None:
 
 
 def main() -> None:
+    # A stop signal to the worker's process group (docker stop, Ctrl-C, killpg) must not end
+    # the child while the worker drains: it stores what it is sent until the worker exits and
+    # its socket closes.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s storer: %(message)s")
     serve(Connection(int(sys.argv[1])))
 
