@@ -16,7 +16,8 @@ import pytest
 
 from tests.fleet_fixtures import REPO
 
-pytestmark = pytest.mark.integration
+#: alone: it runs a benchmark script, whose run takes longer than its limit beside other tests
+pytestmark = [pytest.mark.integration, pytest.mark.alone]
 
 RATIOS = (
     "fleet_efficiency",

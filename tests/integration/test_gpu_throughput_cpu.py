@@ -24,7 +24,8 @@ import pytest
 
 from tests.fleet_fixtures import REPO
 
-pytestmark = pytest.mark.integration
+#: alone: it runs a benchmark script, whose run takes longer than its limit beside other tests
+pytestmark = [pytest.mark.integration, pytest.mark.alone]
 
 SCRIPT = REPO / "scripts" / "gpu_throughput.py"
 FIGURES = ("fleet_vs_bare", "batch_gain_ratio", "compile_vs_eager", "flux_bare", "gpu_busy")
