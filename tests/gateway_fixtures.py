@@ -28,8 +28,9 @@ def free_port() -> int:
 class GatewayProcess:
     """`python -m producer serve` on a free loopback port, its log in a file."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()) -> None:
         self.env = env
+        self.args = args
         self.log_path = log_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -38,7 +39,8 @@ class GatewayProcess:
     def start(self, timeout: float = 60.0) -> GatewayProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "producer", "serve", "--port", str(self.port)],
+                [sys.executable, "-m", "producer", "serve", "--port", str(self.port),
+                 *self.args],
                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
@@ -73,8 +75,9 @@ class GatewayProcess:
 def gateway_starter(
     fleet_env: dict[str, str], logs: Path, started: list[GatewayProcess]
 ) -> Callable[..., GatewayProcess]:
-    def start(name: str = "gateway", **env: str) -> GatewayProcess:
-        gw = GatewayProcess({**fleet_env, **env}, logs / f"{name}-{len(started)}.log")
+    def start(name: str = "gateway", args: tuple[str, ...] = (), **env: str) -> GatewayProcess:
+        """``args``: more of `serve`'s options (e.g. ``("--workers", "2")``)."""
+        gw = GatewayProcess({**fleet_env, **env}, logs / f"{name}-{len(started)}.log", args)
         started.append(gw)
         return gw.start()
 

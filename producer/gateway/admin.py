@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from fleet.brokers import translating
 from fleet.errors import FleetError
+from fleet.prometheus_dir import multiprocess_mode, own_multiprocess_dir
 from fleet.settings import GatewaySettings
 from producer.gateway.tenants import TenantStore
 
@@ -28,6 +29,12 @@ def run(args: argparse.Namespace, out: Console) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
+
+    # With several processes each records into a folder of its own (prometheus-client's
+    # multiprocess mode) and /metrics, whichever process answers, serves the sum of them all.
+    # Before uvicorn starts them, so that they import prometheus_client in that mode.
+    if args.workers > 1 or multiprocess_mode():
+        own_multiprocess_dir("fleet-gateway-")
 
     # access_log off: the gateway logs every request itself, with its tenant and key id.
 

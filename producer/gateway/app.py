@@ -18,7 +18,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
@@ -28,6 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fleet import contract
 from fleet.brokers import masked
 from fleet.errors import BrokerUnavailable, FleetError, JobValidationError, StorageError
+from fleet.prometheus_dir import multiprocess_mode
 from fleet.settings import GatewaySettings
 from producer.gateway.errors import ApiError, from_validation_errors, invalid, unauthorized
 from producer.gateway.openai_api import ImagesRequest, images_response, openai_param
@@ -43,6 +52,16 @@ LATENCY = Histogram("fleet_gateway_request_seconds", "Time to answer a request",
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
                              10, 30, 60, 120, 300))  # fmt: skip
 JOBS = Counter("fleet_gateway_jobs_total", "Jobs put in line, by tenant", ["tenant"])
+
+
+def scrape_registry() -> CollectorRegistry:
+    """What /metrics serves: this process's registry, or, in multiprocess mode (``serve
+    --workers N``), the sum over the files every gateway process writes."""
+    if not multiprocess_mode():
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return registry
 
 
 def _bearer(authorization: str | None) -> str | None:
@@ -273,8 +292,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.get("/metrics", tags=["operations"])
     async def metrics() -> Response:
-        """Prometheus metrics of this gateway process."""
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        """Prometheus metrics of the gateway: with ``--workers N``, of all its processes."""
+        return Response(generate_latest(scrape_registry()), media_type=CONTENT_TYPE_LATEST)
 
     # -- OpenAI-compatible ----------------------------------------------------------------------
 

@@ -12,50 +12,24 @@ main process, by a collector of the same registry.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import shutil
-import tempfile
 from typing import Any
+
+from fleet.prometheus_dir import MULTIPROC_ENV, own_multiprocess_dir
 
 #: Prometheus scrapes from another host or container; FLEET_METRICS_ADDR narrows it.
 ALL_INTERFACES = "0.0.0.0"  # nosec B104  # by design: docs/alerts.md, docs/security.md
 log = logging.getLogger(__name__)
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
-
-#: Set to the folder a worker made for itself; its pool children inherit both variables.
-OWN_DIR_ENV = "FLEET_METRICS_OWN_DIR"
 OWN_DIR_PREFIX = "fleet-worker-"
 
 
 def prepare_multiprocess_dir() -> str:
-    """Give this worker a fresh multiprocess folder of its own, before prometheus_client is
-    imported, and point PROMETHEUS_MULTIPROC_DIR at it.
-
-    The folder is made new (``fleet-worker-<pid>-*``) inside PROMETHEUS_MULTIPROC_DIR when that
-    is set, else in the temporary directory, and removed when this process exits. Nothing else
-    is ever deleted: several workers of a host may be given the same PROMETHEUS_MULTIPROC_DIR,
-    and each serves only its own processes' files on its own port. A process that inherited a
-    worker's own folder (its pool child) keeps it.
-    """
-    parent = os.environ.get(MULTIPROC_ENV)
-    if parent and os.environ.get(OWN_DIR_ENV) == parent and os.path.isdir(parent):
-        return parent
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    path = tempfile.mkdtemp(prefix=f"{OWN_DIR_PREFIX}{os.getpid()}-", dir=parent or None)
-    os.environ[MULTIPROC_ENV] = path
-    os.environ[OWN_DIR_ENV] = path
-    atexit.register(_remove_own_dir, path, os.getpid())
-    return path
-
-
-def _remove_own_dir(path: str, owner: int) -> None:
-    if os.getpid() == owner:  # not in a forked child that runs atexit handlers
-        shutil.rmtree(path, ignore_errors=True)
+    """Give this worker a fresh multiprocess folder of its own (``fleet-worker-<pid>-*``),
+    before prometheus_client is imported: ``fleet.prometheus_dir.own_multiprocess_dir``. Its pool
+    children inherit it; the worker serves only its own processes' files on its own port."""
+    return own_multiprocess_dir(OWN_DIR_PREFIX)
 
 
 _enabled: bool | None = None
