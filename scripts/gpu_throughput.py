@@ -694,93 +694,86 @@ class FleetRun:
     images: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def fleet_rounds(
-    run: FleetRun,
+def interleaved_rounds(
+    variants: list[Variant],
     engine: Any,
     plan: Plan,
     budget: Budget,
     reserve_s: float,
     sampler: GpuSampler,
-) -> None:
-    """Interleaved rounds: bare, fleet A, bare, fleet B, ...; a round after the first only while
-    the budget keeps ``reserve_s`` for what follows."""
-    live = [v for v in run.variants if v.error is None]
-    offset = 0
+    *,
+    figure: str,
+    jobs: int,
+    offset: int,
+    per_call: int = 1,
+    kind: str = "",
+) -> tuple[list[dict[str, Any]], int]:
+    """Interleaved rounds on the same jobs: bare, fleet A, bare, fleet B, ... (``jobs`` jobs a
+    block, the bare loop at ``per_call`` jobs a call); a round after the first only while the
+    budget keeps ``reserve_s`` for what follows. A variant that fails is left out of the rounds
+    after, with its error. Returns the (bare, fleet) pairs and the rounds done."""
+    pairs: list[dict[str, Any]] = []
+    done = 0
     last_round_s = 0.0
     for r in range(plan.rounds):
-        if r and not budget.allows(last_round_s + reserve_s, f"fleet_vs_bare round {r + 1}"):
+        if r and not budget.allows(last_round_s + reserve_s, f"{figure} round {r + 1}"):
             break
         began = time.perf_counter()
-        for v in live:
-            specs = job_specs(plan.images, plan.side, plan.steps, offset)
-            offset += plan.images
-            with sampler.window("bare"):
-                bare = bare_block(engine, specs)
+        for v in variants:
+            if v.error is not None:
+                continue
+            specs = job_specs(jobs, plan.side, plan.steps, offset)
+            offset += jobs
+            with sampler.window(f"bare{kind}"):
+                bare = bare_block(engine, specs, per_call=per_call)
             try:
-                with sampler.window(f"fleet:{v.name}"):
-                    fleet = fleet_block(v, specs, timeout=120 + 30 * plan.images)
+                with sampler.window(f"fleet{kind}:{v.name}"):
+                    fleet = fleet_block(v, specs, timeout=120 + 30 * jobs)
             except Exception as exc:
                 v.error = f"round {r + 1}: {type(exc).__name__}: {exc}"[:3000]
                 continue
-            run.pairs.append(
-                {
-                    "round": r + 1,
-                    "variant": v.name,
-                    "bare": bare,
-                    "fleet": {k: x for k, x in fleet.items() if k != "job_ids"},
-                    "ratio": round(pooled([fleet], True) / pooled([bare], True), 4),
-                    "wall_ratio": round(fleet["images_per_s"] / bare["images_per_s"], 4),
-                }
-            )
+            pair = {
+                "round": r + 1,
+                "variant": v.name,
+                "bare": bare,
+                "fleet": {k: x for k, x in fleet.items() if k != "job_ids"},
+            }
+            pairs.append(pair)
             say(
-                f"round {r + 1} {v.name}: steady bare {pooled([bare], True):.3f} img/s, "
+                f"{figure} round {r + 1} {v.name}: steady bare {pooled([bare], True):.3f} img/s, "
                 f"fleet {pooled([fleet], True):.3f} img/s (wall {bare['images_per_s']:.3f}, "
                 f"{fleet['images_per_s']:.3f})"
             )
-        live = [v for v in live if v.error is None]
-        run.rounds_done = r + 1
+        done = r + 1
         last_round_s = time.perf_counter() - began
+    return pairs, done
+
+
+def fleet_rounds(
+    run: FleetRun, engine: Any, plan: Plan, budget: Budget, reserve_s: float, sampler: GpuSampler
+) -> None:
+    """The batch-1 workers against the bare loop, one job a call."""
+    pairs, run.rounds_done = interleaved_rounds(
+        run.variants, engine, plan, budget, reserve_s, sampler,
+        figure="fleet_vs_bare", jobs=plan.images, offset=0,
+    )  # fmt: skip
+    for p in pairs:
+        p["ratio"] = round(pooled([p["fleet"]], True) / pooled([p["bare"]], True), 4)
+        p["wall_ratio"] = round(p["fleet"]["images_per_s"] / p["bare"]["images_per_s"], 4)
+    run.pairs.extend(pairs)
 
 
 def batch_rounds(
-    run: FleetRun,
-    engine: Any,
-    plan: Plan,
-    budget: Budget,
-    reserve_s: float,
-    sampler: GpuSampler,
+    run: FleetRun, engine: Any, plan: Plan, budget: Budget, reserve_s: float, sampler: GpuSampler
 ) -> None:
-    """Interleaved: bare at ``batch`` prompts a call, then the batch worker with 2 x batch jobs
-    in flight (the same jobs)."""
-    offset = 50_000
-    last_round_s = 0.0
-    for r in range(plan.rounds):
-        if r and not budget.allows(last_round_s + reserve_s, f"batch_gain_ratio round {r + 1}"):
-            break
-        began = time.perf_counter()
-        for v in run.batch_variants:
-            if v.error is not None:
-                continue
-            specs = job_specs(plan.batch_jobs, plan.side, plan.steps, offset)
-            offset += plan.batch_jobs
-            with sampler.window("bare-batch"):
-                bare = bare_block(engine, specs, per_call=plan.batch)
-            try:
-                with sampler.window(f"fleet-batch:{v.name}"):
-                    fleet = fleet_block(v, specs, timeout=120 + 30 * plan.batch_jobs)
-            except Exception as exc:
-                v.error = f"round {r + 1}: {type(exc).__name__}: {exc}"[:3000]
-                continue
-            run.batch_pairs.append(
-                {
-                    "round": r + 1,
-                    "variant": v.name,
-                    "bare": bare,
-                    "fleet": {k: x for k, x in fleet.items() if k != "job_ids"},
-                }
-            )
-        run.batch_rounds_done = r + 1
-        last_round_s = time.perf_counter() - began
+    """The bare loop at ``batch`` prompts a call, then the batch worker with 2 x batch jobs in
+    flight (the same jobs)."""
+    pairs, run.batch_rounds_done = interleaved_rounds(
+        run.batch_variants, engine, plan, budget, reserve_s, sampler,
+        figure="batch_gain_ratio", jobs=plan.batch_jobs, offset=50_000, per_call=plan.batch,
+        kind="-batch",
+    )  # fmt: skip
+    run.batch_pairs.extend(pairs)
 
 
 @step("fleet_vs_bare")
