@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.fleet_fixtures import REPO
+from tests.fleet_fixtures import REPO, wait_until
 
 #: alone: it runs a benchmark script, whose run takes longer than its limit beside other tests
 pytestmark = [pytest.mark.integration, pytest.mark.alone]
@@ -191,9 +191,7 @@ def test_sampler_averages_nvml_over_its_windows(monkeypatch: pytest.MonkeyPatch)
     assert sampler.available and sampler._handle == ("gpu", 3)
     try:
         with sampler.window("bare"):
-            deadline = time.monotonic() + 5
-            while len(sampler.samples) < 5 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: len(sampler.samples) >= 5, 5, "five NVML samples", interval=0.01)
     finally:
         sampler.stop()
     bare = sampler.mean("bare")
