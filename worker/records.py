@@ -92,6 +92,8 @@ def write_failure(store: ObjectStore, prefix: str, manifest: dict[str, Any]) -> 
         "manifest_key": contract.manifest_key(job_id, prefix),
     }
     key = contract.manifest_key(job_id, prefix)
+    index_key = contract.failure_key(job_id, prefix)
+    indexed = False
     try:
         for _ in range(3):
             current, etag = store.get_json_tagged(key)
@@ -99,13 +101,19 @@ def write_failure(store: ObjectStore, prefix: str, manifest: dict[str, Any]) -> 
                 # Success beats failure: a job stored once stays stored.
                 log.warning("job %s already succeeded; not replaced by a failure: %s",
                             job_id, manifest.get("error"))  # fmt: skip
+                if indexed:
+                    store.delete(index_key)
                 return True
+            if not indexed:
+                # The index entry first: whoever reads a failed manifest finds the job listed
+                # by `producer failed` too.
+                store.put_json(index_key, entry)
+                indexed = True
             if not store.conditional_writes:
                 store.put_json(key, manifest)  # read, then write: a concurrent success can race
                 break
             if store.put_json_if(key, manifest, etag):
                 break  # nobody wrote in between; else read again
-        store.put_json(contract.failure_key(job_id, prefix), entry)
         return True
     except StorageError as exc:
         log.error("could not record the failure of job %s: %s", job_id, exc)

@@ -178,12 +178,25 @@ def test_success_beats_failure_a_failure_record_never_lands_over_a_success(store
     assert store.get_json(key)["status"] == "succeeded"
     assert store.get_json(contract.failure_key(job_id)) is None
 
-    # A failure replaces an earlier failure (If-Match on its ETag), and is indexed.
+    # A failure replaces an earlier failure (If-Match on its ETag), and is indexed: the index
+    # entry is there before the failed manifest, so whoever sees the job failed finds it listed.
     other = f"twice-{uuid.uuid4().hex[:8]}"
-    for reason in ("first", "second"):
-        m = raw_failure_manifest(other, {"job_id": other}, reason, "GenerationError",
-                                 store.bucket, "")  # fmt: skip
-        assert write_failure(store, "", m)
+    write_if = store.put_json_if
+    indexed_first = []
+
+    def manifest_write(k: str, value, etag):  # type: ignore[no-untyped-def]
+        indexed_first.append(store.get_json(contract.failure_key(other)) is not None)
+        return write_if(k, value, etag)
+
+    store.put_json_if = manifest_write
+    try:
+        for reason in ("first", "second"):
+            m = raw_failure_manifest(other, {"job_id": other}, reason, "GenerationError",
+                                     store.bucket, "")  # fmt: skip
+            assert write_failure(store, "", m)
+    finally:
+        del store.put_json_if
+    assert indexed_first == [True, True]
     assert store.get_json(contract.manifest_key(other))["error"] == "second"
     assert store.get_json(contract.failure_key(other))["error"] == "second"
 
