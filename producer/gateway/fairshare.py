@@ -67,12 +67,22 @@ redis.call('SADD', KEYS[5], ARGV[7])
 redis.call('INCR', KEYS[6])
 redis.call('ZADD', KEYS[7], ARGV[8], ARGV[9])
 redis.call('ZREMRANGEBYRANK', KEYS[7], 0, -1 - tonumber(ARGV[11]))
-redis.call('LPUSH', KEYS[8], '1')
+redis.call('LPUSH', KEYS[8], ARGV[7])
 redis.call('LTRIM', KEYS[8], 0, 0)
 return {1}
 """
 
 _POP = """
+local room = tonumber(ARGV[5])
+if room > 0 then
+  -- the Celery queue's priority lists (KEYS[4] on) hold `room` jobs already: none goes now
+  local queued = 0
+  for i = 4, #KEYS do queued = queued + redis.call('LLEN', KEYS[i]) end
+  if queued >= room then
+    if redis.call('ZCARD', KEYS[1]) > 0 then return {'', '', '', 'full'} end
+    return false
+  end
+end
 local tenants = redis.call('ZRANGE', KEYS[1], 0, -1)
 for _, t in ipairs(tenants) do
   local line = ARGV[1] .. t
@@ -162,23 +172,35 @@ class FairLines:
     def pop(self, queue: str) -> LineJob | None:
         """The next job for ``queue``: the best of the tenant served longest ago; it is held in
         the dispatching hash until ``sent``."""
+        return self.take(queue, 0)[0]
+
+    def take(self, queue: str, room: int) -> tuple[LineJob | None, bool]:
+        """``pop``, but with ``room`` > 0 none while the Celery queue holds ``room`` jobs
+        already, checked in the same script: a job goes in one round trip. (job, False), or
+        (None, whether jobs wait behind a full queue)."""
+        keys = [TURNS_KEY.format(queue=queue), SERVED_KEY, DISPATCHING_KEY]
+        if room > 0:
+            keys += contract.queue_keys(queue)
         reply = self._pop(
-            keys=[TURNS_KEY.format(queue=queue), SERVED_KEY, DISPATCHING_KEY],
+            keys=keys,
             args=[
                 LINE_KEY.format(queue=queue, tenant=""),
                 JOB_KEY.format(job_id=""),
                 WAITING_KEY.format(tenant=""),
                 time.time(),
+                room,
             ],
         )
         if not reply:
-            return None
+            return None, False
+        if len(reply) > 3:
+            return None, True
         job_id, raw, tenant = (_text(x) or "" for x in reply)
         if not raw:  # its record expired (after the claim TTL): nothing left to send
             log.error("job %s of tenant %s has no record left; dropped", job_id, tenant)
             self.redis.hdel(DISPATCHING_KEY, job_id)
-            return None
-        return LineJob.from_json(raw)
+            return None, False
+        return LineJob.from_json(raw), False
 
     def sent(self, job_id: str) -> None:
         self.redis.hdel(DISPATCHING_KEY, job_id)
@@ -192,10 +214,6 @@ class FairLines:
     def record(self, job_id: str) -> LineJob | None:
         raw = self.redis.get(JOB_KEY.format(job_id=job_id))
         return LineJob.from_json(raw) if raw else None
-
-    def has_waiting(self, queue: str) -> bool:
-        """Whether some tenant has a job in its line for ``queue``."""
-        return bool(self.redis.zcard(TURNS_KEY.format(queue=queue)))
 
     def queues(self) -> list[str]:
         return sorted(_text(q) or "" for q in self.redis.smembers(QUEUES_KEY))
@@ -272,9 +290,11 @@ class Dispatcher:
 
     def _run(self) -> None:
         away = False
+        woken = ""
         while not self._stop.is_set():
             try:
-                sent = self.tick()
+                sent = self.tick(first=woken)
+                woken = ""
             except redis.RedisError as exc:
                 if not away:  # once an outage, not once a second
                     log.warning("fair dispatcher: Redis away (%s); trying every second", exc)
@@ -288,11 +308,13 @@ class Dispatcher:
             if away:
                 log.info("fair dispatcher: Redis is back")
                 away = False
-            if self.full:  # a new job could not go yet: look for a freed place soon
+            if self.full or not self.leader:  # look for a freed place (or the lock) soon;
+                # only the dispatching process takes the wake-ups of new jobs
                 self._stop.wait(self.poll_s)
             elif not sent:
-                try:  # woken at once by a new job, else look for room again soon
-                    self.redis.blpop([NOTIFY_KEY], timeout=self.poll_s)
+                try:  # woken at once by a new job (its queue's name), else look again soon
+                    got = self.redis.blpop([NOTIFY_KEY], timeout=self.poll_s)
+                    woken = _text(got[1]) or "" if got else ""
                 except redis.RedisError:
                     self._stop.wait(self.poll_s)
 
@@ -312,28 +334,33 @@ class Dispatcher:
             log.info("fair dispatcher: this process dispatches now")
         return self.leader
 
-    def tick(self) -> int:
-        """One round: for each queue with waiting gateway jobs, fill its free places in turn.
-        Returns how many jobs were sent."""
+    def tick(self, first: str = "") -> int:
+        """One round: for each queue with waiting gateway jobs, fill its free places in turn;
+        ``first``, the queue a new job woke the dispatcher for, before anything else. Returns
+        how many jobs were sent."""
         if not self._lead():
             return 0
+        sent = self.fill(first) if first else 0
         now = time.monotonic()
         if now - self._swept > STALE_DISPATCH_S / 3:
             self._swept = now
             self.sweep()
-        sent = 0
         self.full = False
         for queue in self.lines.queues():
-            free = self.depth - self.lines.depth(queue)
-            while free > 0:
-                job = self.lines.pop(queue)
-                if job is None:
-                    break
-                self.send(job)
-                sent += 1
-                free -= 1
-            if free <= 0 and self.lines.has_waiting(queue):
-                self.full = True
+            sent += self.fill(queue)
+        return sent
+
+    def fill(self, queue: str) -> int:
+        """Send ``queue``'s next jobs while its Celery queue has room; how many went. Each pop
+        checks the room in the same script, so a job goes in one round trip."""
+        sent = 0
+        while sent < self.depth:
+            job, full = self.lines.take(queue, self.depth)
+            if job is None:
+                self.full = self.full or full
+                break
+            self.send(job)
+            sent += 1
         return sent
 
     def send(self, job: LineJob) -> None:

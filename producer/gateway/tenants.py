@@ -83,12 +83,25 @@ def check_tenant_name(name: str) -> str:
     return name
 
 
+#: A key's record and its tenant's, in one round trip (each request authenticates).
+_KEY_AND_TENANT = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return false end
+local ok, record = pcall(cjson.decode, raw)
+if not ok or type(record) ~= 'table' or type(record.tenant) ~= 'string' then
+  return {raw, false}
+end
+return {raw, redis.call('GET', ARGV[1] .. record.tenant)}
+"""
+
+
 class TenantStore:
     """Tenants, keys and rate counters in Redis."""
 
     def __init__(self, redis_client: redis.Redis, settings: GatewaySettings) -> None:
         self.redis = redis_client
         self.settings = settings
+        self._key_and_tenant = redis_client.register_script(_KEY_AND_TENANT)
 
     # -- tenants --------------------------------------------------------------------------------
 
@@ -163,14 +176,16 @@ class TenantStore:
         key_id = parse_key(key)
         if key_id is None:
             return None
-        raw = self.redis.get(API_KEY_KEY.format(key_id=key_id))
-        if not raw:
+        reply = self._key_and_tenant(
+            keys=[API_KEY_KEY.format(key_id=key_id)], args=[TENANT_KEY.format(tenant="")]
+        )
+        if not reply:
             return None
+        raw, raw_tenant = reply
         record = ApiKeyRecord.model_validate_json(raw)
-        if not hmac.compare_digest(hash_key(key), record.sha256):
+        if not hmac.compare_digest(hash_key(key), record.sha256) or not raw_tenant:
             return None
-        tenant = self.get(record.tenant)
-        return (tenant, key_id) if tenant is not None else None
+        return Tenant.model_validate_json(raw_tenant), key_id
 
     def webhook_secret(self, tenant: str) -> str | None:
         """The secret the tenant's webhook deliveries are signed with (None: no

@@ -117,3 +117,30 @@ def test_a_job_taken_from_its_line_and_never_sent_is_sent_by_the_sweep_once(
     assert sum(lost.job_id.encode() in m for m in queued) == 1
     assert sum(sent.job_id.encode() in m for m in queued) == 1
     celery.close()
+
+
+def test_the_dispatcher_fills_a_queue_up_to_its_depth_woken_by_the_new_jobs_queue(
+    lines: FairLines, redis_url: str, fleet_env: dict
+) -> None:
+    q = f"fleet.room-{uuid.uuid4().hex[:6]}"
+    settings = ProducerSettings(_env_file=None, **{**settings_kwargs(fleet_env),
+                                                    "redis_url": redis_url,
+                                                    "result_backend_url": redis_url})  # fmt: skip
+    celery = make_celery("fleet-test", settings)
+    dispatcher = Dispatcher(lines, celery, depth=2)
+    assert lines.take(q, 2) == (None, False)  # nothing waiting
+    jobs = [job("a", q) for _ in range(3)]
+    for j in jobs:
+        add(lines, j)
+    # The new job's queue is the wake-up's value: the dispatcher sends for it first.
+    assert lines.redis.lrange("fleet:fair:notify", 0, -1) == [q.encode()]
+    assert dispatcher.tick(first=q) == 2 and lines.depth(q) == 2
+    assert dispatcher.full  # the third waits behind a full queue
+    assert lines.take(q, 2) == (None, True) and lines.waiting("a") == 1
+    # A worker takes one: a place is free, and the third goes.
+    assert any(lines.redis.rpop(key) for key in contract.queue_keys(q))
+    assert lines.depth(q) == 1
+    assert dispatcher.tick() == 1 and lines.depth(q) == 2 and lines.waiting("a") == 0
+    assert not dispatcher.full and dispatcher.tick() == 0
+    assert lines.redis.hlen(DISPATCHING_KEY) == 0
+    celery.close()
