@@ -267,7 +267,7 @@ def gateway_verdicts(res: dict[str, Any]) -> list[str]:
             f"**Submit -> STARTED: missed**, {lat['value']:+.1f} ms at the median (goal "
             f"{lat['goal']}): {both}. Split at the moment the call returned (medians): the call "
             f"itself {call:+.1f} ms (POST {lat['http_post_ms']:.1f} ms: the HTTP hop, the key's "
-            "two Redis reads, validation and the line's script, against Client.submit "
+            "lookup, the rate count, validation and the line's script, against Client.submit "
             f"{lat['direct_submit_ms']:.1f} ms), and from there to STARTED {after:+.1f} ms "
             f"({lat['http_after_answer_ms']:.1f} ms after the 202 against "
             f"{lat['direct_after_return_ms']:.1f} ms after Client.submit returned: the gateway's "
