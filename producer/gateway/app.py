@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import redis
 from fastapi import Body, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -80,7 +81,7 @@ async def tenant_of(
     if key is None:
         raise unauthorized()
     gw: Gateway = request.app.state.gateway
-    found = await run_in_threadpool(gw.tenants.authenticate, key)
+    found = await gw.tenants.authenticate(key)
     if found is None:
         raise unauthorized("the API key is not valid (unknown or revoked)")
     tenant, key_id = found
@@ -183,13 +184,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        gw.start()
+        await gw.start_async()
         log.info("gateway ready (Redis %s, bucket %s)", masked(settings.redis_url),
                  settings.s3_bucket)  # fmt: skip
         try:
             yield
         finally:
-            gw.close()
+            await gw.close_async()
 
     app = FastAPI(
         title="diffusion-fleet gateway",
@@ -253,6 +254,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def _broker(_: Request, exc: BrokerUnavailable) -> JSONResponse:
         return ApiError(503, f"the queue is unreachable: {exc}", "server_error",
                         code="queue_unavailable", retry=True,
+                        headers={"Retry-After": "5"}).response()  # fmt: skip
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis(_: Request, exc: redis.RedisError) -> JSONResponse:
+        # Keys, tenants and lines live in Redis too: with it away nothing was added, so a
+        # retry is safe (the SDK retries 503 and reads Retry-After).
+        return ApiError(503, f"the queue is unreachable (Redis: {type(exc).__name__})",
+                        "server_error", code="queue_unavailable", retry=True,
                         headers={"Retry-After": "5"}).response()  # fmt: skip
 
     @app.exception_handler(StorageError)
@@ -322,7 +331,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         retried = (x_stainless_retry_count or "0") not in ("", "0")
         if idempotency_key is None and retried:
             job_id = await run_in_threadpool(gw.first_attempt, tenant, raw)
+        remember = False
         if job_id is None:
+            remember = idempotency_key is None
             status, made = await run_in_threadpool(
                 gw.submit, tenant, body.job(), body.priority or contract.DEFAULT_PRIORITY,
                 None, idempotency_key,
@@ -330,11 +341,18 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             job_id = status.job_id
             if made:
                 JOBS.labels(tenant.name).inc()
-            if idempotency_key is None:
-                await run_in_threadpool(gw.remember_attempt, tenant, raw, job_id)
         if body.user:
             log.info("tenant %s: job %s for user %s", tenant.name, job_id, body.user)
-        st = await gw.wait(tenant, job_id, settings.gateway_wait_s)
+        try:
+            if remember:
+                await run_in_threadpool(gw.remember_attempt, tenant, raw, job_id)
+            st = await gw.wait(tenant, job_id, settings.gateway_wait_s)
+        except (redis.RedisError, BrokerUnavailable) as exc:
+            # The job is in line: a retry would make a second one.
+            raise ApiError(503, f"job {job_id} is in line, but the queue became unreachable "
+                           f"while waiting for it ({type(exc).__name__}); follow it at "
+                           f"/v1/jobs/{job_id}", "server_error", code="queue_unavailable",
+                           retry=False) from None  # fmt: skip
         if not st.done:
             raise ApiError(504, f"job {job_id} is still {st.state} after "
                            f"{settings.gateway_wait_s:g} s; follow it at /v1/jobs/{job_id}",

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import redis.asyncio
 from starlette.concurrency import run_in_threadpool
 
 from fleet import contract
@@ -50,9 +51,24 @@ class Gateway:
         self.tenants = TenantStore(self.client.redis, settings)
         self.lines = FairLines(self.client.redis, settings.job_claim_ttl_s)
         self.dispatcher = Dispatcher(self.lines, self.client.celery, settings.fair_queue_depth)
+        self._aredis: redis.asyncio.Redis | None = None
 
     def start(self) -> None:
         self.dispatcher.start()
+
+    async def start_async(self) -> None:
+        """On the event loop that serves requests: the dispatcher, and an asyncio Redis client
+        that authenticates each request without a thread-pool hop."""
+        self.start()
+        self._aredis = redis.asyncio.Redis.from_url(self.settings.redis_url)
+        self.tenants.use_async(self._aredis)
+
+    async def close_async(self) -> None:
+        self.tenants.use_async(None)
+        if self._aredis is not None:
+            await self._aredis.aclose()  # type: ignore[attr-defined]  # types-redis predates it
+            self._aredis = None
+        await run_in_threadpool(self.close)
 
     def close(self) -> None:
         self.dispatcher.stop()
