@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 
 from fleet import contract
 from fleet.celeryconf import make_celery
@@ -31,6 +32,17 @@ def lines(redis_url: str) -> Iterator[FairLines]:
     client.flushdb()
     yield FairLines(client, claim_ttl_s=600)
     client.close()
+
+
+@pytest.fixture()
+def celery(redis_url: str, fleet_env: dict) -> Iterator[Celery]:
+    """A Celery app on this module's Redis database, for the dispatcher to send with."""
+    settings = ProducerSettings(_env_file=None, **{**settings_kwargs(fleet_env),
+                                                    "redis_url": redis_url,
+                                                    "result_backend_url": redis_url})  # fmt: skip
+    app = make_celery("fleet-test", settings)
+    yield app
+    app.close()
 
 
 def job(tenant: str, queue: str, priority: int = 5) -> LineJob:
@@ -90,13 +102,9 @@ def test_the_cap_the_claim_the_cancel_and_the_place_in_line(lines: FairLines) ->
 
 
 def test_a_job_taken_from_its_line_and_never_sent_is_sent_by_the_sweep_once(
-    lines: FairLines, redis_url: str, fleet_env: dict
+    lines: FairLines, celery: Celery
 ) -> None:
     q = f"fleet.sweep-{uuid.uuid4().hex[:6]}"
-    settings = ProducerSettings(_env_file=None, **{**settings_kwargs(fleet_env),
-                                                    "redis_url": redis_url,
-                                                    "result_backend_url": redis_url})  # fmt: skip
-    celery = make_celery("fleet-test", settings)
     dispatcher = Dispatcher(lines, celery, depth=1)
     lost, sent = job("a", q), job("a", q)
     add(lines, lost)
@@ -116,17 +124,12 @@ def test_a_job_taken_from_its_line_and_never_sent_is_sent_by_the_sweep_once(
         queued += lines.redis.lrange(key, 0, -1)
     assert sum(lost.job_id.encode() in m for m in queued) == 1
     assert sum(sent.job_id.encode() in m for m in queued) == 1
-    celery.close()
 
 
 def test_the_dispatcher_fills_a_queue_up_to_its_depth_woken_by_the_new_jobs_queue(
-    lines: FairLines, redis_url: str, fleet_env: dict
+    lines: FairLines, celery: Celery
 ) -> None:
     q = f"fleet.room-{uuid.uuid4().hex[:6]}"
-    settings = ProducerSettings(_env_file=None, **{**settings_kwargs(fleet_env),
-                                                    "redis_url": redis_url,
-                                                    "result_backend_url": redis_url})  # fmt: skip
-    celery = make_celery("fleet-test", settings)
     dispatcher = Dispatcher(lines, celery, depth=2)
     assert lines.take(q, 2) == (None, False)  # nothing waiting
     jobs = [job("a", q) for _ in range(3)]
@@ -143,4 +146,3 @@ def test_the_dispatcher_fills_a_queue_up_to_its_depth_woken_by_the_new_jobs_queu
     assert dispatcher.tick() == 1 and lines.depth(q) == 2 and lines.waiting("a") == 0
     assert not dispatcher.full and dispatcher.tick() == 0
     assert lines.redis.hlen(DISPATCHING_KEY) == 0
-    celery.close()
