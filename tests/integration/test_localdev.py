@@ -350,12 +350,12 @@ def test_pinned_busy_port_is_a_clear_error(
     assert not server.is_running
 
 
-def _cli(*args: str) -> subprocess.Popen[str]:
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return subprocess.Popen(
         [sys.executable, "-m", "fleet.localdev", *args],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": pythonpath},
+        env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})},
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -446,8 +446,15 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 def test_cli_sigterm_while_starting_leaves_nothing_behind(tmp_path: Path) -> None:
+    # weed starts 120 s late (a wrapper that waits, then runs the real one), so the signal
+    # surely comes while it starts: on a fast machine a plain weed was sometimes up, and the
+    # command done, before the signal arrived (CI, stop 23 session's run: exit 0, not 143).
+    late_weed = tmp_path / "late-weed"
+    late_weed.write_text(f'#!/bin/sh\nsleep 120\nexec {ls.find_weed()} "$@"\n')
+    late_weed.chmod(0o755)
     workdir = tmp_path / "svc"
-    proc = _cli("run", "--workdir", str(workdir), "--", sys.executable, "-c", "pass")
+    proc = _cli("run", "--workdir", str(workdir), "--", sys.executable, "-c", "pass",
+                env={ls.WEED_BIN_ENV: str(late_weed)})  # fmt: skip
     assert proc.stderr is not None
     for line in proc.stderr:  # redis is up, weed is starting: interrupt now
         if "redis ready" in line:
@@ -456,6 +463,7 @@ def test_cli_sigterm_while_starting_leaves_nothing_behind(tmp_path: Path) -> Non
     proc.communicate(timeout=60)
     assert proc.returncode == 143
     assert _processes_mentioning(str(workdir)) == []
+    assert _processes_mentioning(str(late_weed)) == []  # the starting one, killed
 
 
 def test_cli_run_ctrl_c_in_a_terminal_stops_cmd_and_the_services(tmp_path: Path) -> None:
