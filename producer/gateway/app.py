@@ -251,17 +251,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         ).response()
 
     @app.exception_handler(BrokerUnavailable)
-    async def _broker(_: Request, exc: BrokerUnavailable) -> JSONResponse:
-        return ApiError(503, f"the queue is unreachable: {exc}", "server_error",
-                        code="queue_unavailable", retry=True,
-                        headers={"Retry-After": "5"}).response()  # fmt: skip
-
     @app.exception_handler(redis.RedisError)
-    async def _redis(_: Request, exc: redis.RedisError) -> JSONResponse:
+    async def _queue_away(_: Request, exc: Exception) -> JSONResponse:
         # Keys, tenants and lines live in Redis too: with it away nothing was added, so a
         # retry is safe (the SDK retries 503 and reads Retry-After).
-        return ApiError(503, f"the queue is unreachable (Redis: {type(exc).__name__})",
-                        "server_error", code="queue_unavailable", retry=True,
+        why = str(exc) if isinstance(exc, BrokerUnavailable) else f"Redis: {type(exc).__name__}"
+        return ApiError(503, f"the queue is unreachable ({why})", "server_error",
+                        code="queue_unavailable", retry=True,
                         headers={"Retry-After": "5"}).response()  # fmt: skip
 
     @app.exception_handler(StorageError)

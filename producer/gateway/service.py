@@ -53,13 +53,10 @@ class Gateway:
         self.dispatcher = Dispatcher(self.lines, self.client.celery, settings.fair_queue_depth)
         self._aredis: redis.asyncio.Redis | None = None
 
-    def start(self) -> None:
-        self.dispatcher.start()
-
     async def start_async(self) -> None:
         """On the event loop that serves requests: the dispatcher, and an asyncio Redis client
         that authenticates each request without a thread-pool hop."""
-        self.start()
+        self.dispatcher.start()
         self._aredis = redis.asyncio.Redis.from_url(self.settings.redis_url)
         self.tenants.use_async(self._aredis)
 
